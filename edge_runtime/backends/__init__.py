@@ -1,0 +1,74 @@
+"""The backend registry: cheap descriptors, so listing or planning never imports a runtime.
+
+A backend's runtime is imported only by ``probe`` (which ``device`` and ``plan`` call) and by
+``load_backend`` (when a model is actually loaded).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from ..errors import BackendUnavailableError
+from .base import Availability, Backend
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """How to find a backend without importing it."""
+
+    name: str
+    formats: tuple[str, ...]
+    probe: str  # "module:function" returning Availability
+    loader: str  # "module:Class" implementing Backend
+    extra: str | None  # the pip extra that installs its runtime
+
+
+BACKENDS: tuple[BackendSpec, ...] = (
+    BackendSpec(
+        name="llama.cpp",
+        formats=("gguf",),
+        probe="edge_runtime.backends.llamacpp:probe",
+        loader="edge_runtime.backends.llamacpp:LlamaCppBackend",
+        extra=None,
+    ),
+)
+
+
+def _resolve(target: str) -> object:
+    module_name, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def backend_spec(name: str) -> BackendSpec:
+    """The spec registered under ``name``; raises a user error naming the known ones."""
+    for spec in BACKENDS:
+        if spec.name == name:
+            return spec
+    known = ", ".join(s.name for s in BACKENDS)
+    raise BackendUnavailableError(f"unknown backend {name!r}", f"choose one of: {known}")
+
+
+def probe(name: str) -> Availability:
+    """Ask one backend whether it can run here; never raises for a missing runtime."""
+    spec = backend_spec(name)
+    try:
+        return _resolve(spec.probe)()  # type: ignore[operator]
+    except ImportError as exc:
+        hint = f'pip install "edge-runtime[{spec.extra}]"' if spec.extra else None
+        return Availability(name=name, available=False, reason=str(exc), install_hint=hint)
+
+
+def probe_all() -> list[Availability]:
+    """Availability of every registered backend, in registry order."""
+    return [probe(spec.name) for spec in BACKENDS]
+
+
+def load_backend(name: str) -> type[Backend]:
+    """Import and return the backend class, or say which extra installs it."""
+    spec = backend_spec(name)
+    try:
+        return _resolve(spec.loader)  # type: ignore[return-value]
+    except ImportError as exc:
+        hint = f'pip install "edge-runtime[{spec.extra}]"' if spec.extra else None
+        raise BackendUnavailableError(f"the {name} backend cannot be imported: {exc}", hint) from exc

@@ -1,0 +1,196 @@
+"""The seams every backend implements: Backend, Model, and the plain data they exchange."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Protocol
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a backend can run here, and what it can do (cheap to compute, no model needed)."""
+
+    name: str
+    available: bool
+    version: str | None = None
+    reason: str | None = None  # why not available, or a note
+    devices: tuple[str, ...] = ()  # "CPU", "CUDA", "Metal", execution providers ...
+    gpu_offload: bool = False
+    install_hint: str | None = None  # e.g. 'pip install "edge-runtime[onnx]"'
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "devices": list(self.devices)}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to load a model; keys follow llama-cpp-python's ``Llama()`` parameter names."""
+
+    n_ctx: int = 2048
+    n_threads: int | None = None  # None: physical cores
+    n_threads_batch: int | None = None
+    n_batch: int = 512
+    n_ubatch: int = 512
+    n_gpu_layers: int = 0
+    flash_attn: bool = True
+    type_k: str = "f16"
+    type_v: str = "f16"
+    use_mmap: bool = True
+    n_parallel: int = 1  # sequences held at once (server slots)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Settings:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a loaded model says about itself."""
+
+    name: str
+    arch: str
+    quant: str | None
+    n_ctx_train: int
+    n_ctx: int
+    n_vocab: int
+    n_params: int
+    size_bytes: int
+    chat_template: str | None
+    bos_token: str | None
+    eos_token: str | None
+    add_bos: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. ``temperature <= 0`` means greedy."""
+
+    max_tokens: int = 256
+    temperature: float = 0.7
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """Counters and timings of one ``generate`` call, attached to its last event."""
+
+    prompt_tokens: int  # tokens in the prompt
+    cached_tokens: int  # prompt tokens found already evaluated (prefix reuse)
+    evaluated_tokens: int  # prompt tokens evaluated by this call
+    gen_tokens: int
+    ttft_s: float  # call start to first generated token
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.evaluated_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        # The first token comes out of prefill; decode speed counts the ones after it.
+        n = self.gen_tokens - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "prefill_tok_s": self.prefill_tok_s,
+            "decode_tok_s": self.decode_tok_s,
+        }
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One step of a generation stream.
+
+    Every generated token gives one event with its decoded ``text`` (possibly empty while a
+    UTF-8 sequence or a possible stop string is held back). The last event has ``finish_reason``
+    set (``stop``, ``length`` or ``cancelled``) and carries ``stats``; its ``token`` is ``None``
+    when nothing was generated in that step (end-of-generation token, stop string, cancel).
+    """
+
+    token: int | None
+    text: str
+    finish_reason: str | None = None
+    stats: GenerationStats | None = None
+
+
+class CancelToken:
+    """Thread-safe flag a consumer sets to stop a generation between two tokens."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+class Model(Protocol):
+    """A loaded model. ``generate`` owns the KV cache and reuses the evaluated prefix."""
+
+    info: ModelInfo
+
+    def tokenize(self, text: str, *, special: bool = False, add_bos: bool = False) -> list[int]: ...
+
+    def detokenize(self, tokens: Sequence[int]) -> str: ...
+
+    def generate(
+        self,
+        tokens: Sequence[int],
+        params: SamplingParams,
+        *,
+        cancel: CancelToken | None = None,
+    ) -> Iterator[TokenEvent]: ...
+
+    def close(self) -> None: ...
+
+
+class Backend(Protocol):
+    """A runtime that loads artifacts of some formats into ``Model``s."""
+
+    name: ClassVar[str]
+    formats: ClassVar[tuple[str, ...]]
+
+    @classmethod
+    def availability(cls) -> Availability: ...
+
+    @classmethod
+    def load(cls, path: str, settings: Settings) -> Model: ...
+
+
+@dataclass
+class EvaluatedPrefix:
+    """Tokens whose keys and values sit in a sequence's KV cache, in order."""
+
+    tokens: list[int] = field(default_factory=list)
+
+    def common_length(self, tokens: Sequence[int]) -> int:
+        n = min(len(self.tokens), len(tokens))
+        i = 0
+        while i < n and self.tokens[i] == tokens[i]:
+            i += 1
+        return i
