@@ -131,11 +131,12 @@ class NativeModel:
         return buf.raw[:n]
 
     def detokenize(self, tokens: Sequence[int]) -> str:
+        """Text of ``tokens``, control tokens included, so it tokenizes back to the same ids."""
         arr = (_c.llama_token * len(tokens))(*tokens)
         capacity = max(64, len(tokens) * 8)
         for _ in range(2):
             out = ctypes.create_string_buffer(capacity)
-            n = _c.llama_detokenize(self.vocab, arr, len(tokens), out, capacity, False, False)
+            n = _c.llama_detokenize(self.vocab, arr, len(tokens), out, capacity, False, True)
             if n >= 0:
                 return out.raw[:n].decode("utf-8", errors="replace")
             capacity = -n
@@ -164,6 +165,10 @@ class NativeContext:
         params.type_k = KV_CACHE_TYPES[settings.type_k]
         params.type_v = KV_CACHE_TYPES[settings.type_v]
         params.no_perf = True
+        # The C API's default keeps a full-size cache for sliding-window layers; llama.cpp's own
+        # tools keep only the window (much less memory) and so do we: the backend checks what
+        # the window still holds before it reuses a prefix.
+        params.swa_full = False
         take_recent_errors()
         ptr = _c.llama_init_from_model(model.ptr, params)
         if not ptr:

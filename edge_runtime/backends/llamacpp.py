@@ -218,14 +218,14 @@ class LlamaCppModel:
         kept = seq.prefix.common_length(tokens)
         # The last prompt token is always evaluated again: its logits pick the first new token.
         kept = min(kept, len(tokens) - 1)
-        if kept < len(seq.prefix.tokens) and not self._ctx.seq_remove(seq.seq_id, kept):
-            kept = 0  # a cache that cannot be cut mid-way (recurrent state): start over
         if kept > 0:
-            # A sliding-window cache forgets old positions as it goes; if the window that the next
-            # token must attend to was already evicted, the cache cannot serve this prefix.
+            # A sliding-window cache forgets old positions as it goes. If the window the next
+            # token must attend to is already gone, this prefix cannot be served from the cache.
             pos_min = self._ctx.seq_pos_min(seq.seq_id)
-            if pos_min > max(0, kept - max(1, self._n_swa)):
+            if pos_min < 0 or pos_min > max(0, kept - max(1, self._n_swa)):
                 kept = 0
+        if 0 < kept < len(seq.prefix.tokens) and not self._ctx.seq_remove(seq.seq_id, kept):
+            kept = 0  # a cache that cannot be cut mid-way (recurrent state): start over
         if kept == 0:
             self._ctx.seq_clear(seq.seq_id)
         del seq.prefix.tokens[kept:]

@@ -1,0 +1,57 @@
+"""Shared fixtures: the real embedded models on the real llama.cpp backend."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def edgert_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Point the model store at a temporary folder for the whole run (never the user's own)."""
+    home = tmp_path_factory.mktemp("edgert-home")
+    os.environ["EDGERT_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    from edge_runtime.store import resolve_model
+
+    return resolve_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def gemma_path(edgert_home: Path) -> Path:
+    from edge_runtime.store import resolve_model
+
+    return resolve_model("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path: Path):
+    """One loaded SmolLM2 for the session: tests share it, as a server's requests would."""
+    from edge_runtime.backends.base import Settings
+    from edge_runtime.backends.llamacpp import LlamaCppModel
+
+    model = LlamaCppModel(str(smollm2_path), Settings(n_ctx=2048, n_threads=2))
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="session")
+def shakespeare() -> str:
+    return SHAKESPEARE.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def edgert_cmd() -> list[str]:
+    """The installed console script, run as a real process."""
+    exe = Path(sys.executable).with_name("edgert")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "edge_runtime.cli"]
