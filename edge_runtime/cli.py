@@ -14,8 +14,6 @@ import click
 
 from .errors import EdgeRuntimeError
 
-DEFAULT_CTX = 2048
-
 
 def _report(exc: EdgeRuntimeError) -> None:
     click.echo(f"error: {exc.message}", err=True)
@@ -54,7 +52,7 @@ class EdgertGroup(click.Group):
 @click.group(cls=EdgertGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="edge-runtime", prog_name="edgert")
 def cli() -> None:
-    """Run language models on this device, offline: chat, run, and list models."""
+    """Run language models on this device, offline."""
 
 
 def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -62,8 +60,9 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--model", "-m", "model", default=None,
                      help="A .gguf file or a model name (default: smollm2, the embedded model)."),
+        click.option("--backend", default=None, help="Force a backend (llama.cpp, onnx, tflite)."),
         click.option("--ctx", type=click.IntRange(min=16), default=None,
-                     help=f"Context size in tokens (default {DEFAULT_CTX}, capped by the model)."),
+                     help="Context size in tokens (default: the plan's, from the device profile)."),
         click.option("--threads", type=click.IntRange(min=1), default=None,
                      help="CPU threads (default: physical cores)."),
         click.option("--temp", type=click.FloatRange(min=0.0), default=0.7, show_default=True,
@@ -83,12 +82,25 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-def _load(opts: dict[str, Any]) -> Any:
-    from . import load
-    from .backends.base import Settings
+def make_plan(opts: dict[str, Any], profile_id: str | None = None) -> Any:
+    """Detect the device, match its profile and plan the model named by the options."""
+    from .device import detect
+    from .planner import PlanRequest, choose_plan
+    from .profiles import get_profile, match_profile
+    from .store import find_artifacts
 
-    settings = Settings(n_ctx=opts["ctx"] or DEFAULT_CTX, n_threads=opts["threads"])
-    return load(opts["model"], settings)
+    artifacts = find_artifacts(opts["model"])
+    device = detect()
+    profile = get_profile(profile_id) if profile_id else match_profile(device)
+    request = PlanRequest(ctx=opts.get("ctx"), threads=opts.get("threads"), backend=opts.get("backend"))
+    return choose_plan(artifacts, device, profile, request)
+
+
+def _load(opts: dict[str, Any]) -> Any:
+    from .backends import load_backend
+
+    plan = make_plan(opts)
+    return load_backend(plan.backend).load(plan.artifact.path, plan.settings)
 
 
 def _sampling(opts: dict[str, Any]) -> Any:
@@ -175,35 +187,14 @@ def chat(system: str | None, **opts: Any) -> None:
         model.close()
 
 
-@cli.group()
-def models() -> None:
-    """List the models this runtime knows."""
+def _register_subcommands() -> None:
+    from .cli_inspect import device, models, plan, profiles
+
+    for command in (device, profiles, plan, models):
+        cli.add_command(command)
 
 
-@models.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def models_list(as_json: bool) -> None:
-    """Embedded and stored models with size, quant, arch, context and sha256."""
-    from .store import list_models
-
-    entries = list_models()
-    if as_json:
-        click.echo(json.dumps([e.to_dict() for e in entries], indent=2))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(box=None)
-    for column in ("name", "quant", "arch", "params", "ctx", "size", "sha256", "path"):
-        table.add_column(column)
-    for e in entries:
-        if e.path is None:
-            table.add_row(e.name, "", "", "", "", "", "", "not installed: " + e.description)
-            continue
-        table.add_row(e.name, e.quant or "?", e.arch or "?", f"{(e.n_params or 0) / 1e6:.0f}M",
-                      str(e.n_ctx_train or "?"), f"{(e.size_bytes or 0) / 2**20:.0f} MiB",
-                      (e.sha256 or "")[:12], str(e.path))
-    Console(soft_wrap=True).print(table)
+_register_subcommands()
 
 
 def main() -> None:

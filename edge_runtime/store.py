@@ -11,8 +11,12 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import InvalidModelFileError, ModelNotFoundError
+
+if TYPE_CHECKING:
+    from .artifact import Artifact
 
 DEFAULT_MODEL = "smollm2"
 
@@ -125,6 +129,13 @@ def find_embedded(name: str) -> EmbeddedModel | None:
         if model.name == name:
             return model
     return None
+
+
+def find_artifacts(spec: str | None) -> list[Artifact]:
+    """Every artifact a ``--model`` value names (one for a file or an embedded model)."""
+    from .artifact import artifact_from_gguf
+
+    return [artifact_from_gguf(resolve_model(spec))]
 
 
 def resolve_model(spec: str | None) -> Path:

@@ -15,21 +15,9 @@ from collections.abc import Sequence
 import llama_cpp as _c
 
 from ..errors import GenerationError, ModelLoadError
-from .base import SamplingParams, Settings
+from .base import KV_CACHE_TYPES, SamplingParams, Settings
 
 log = logging.getLogger("edge_runtime.llama_cpp")
-
-# ggml type ids for the KV cache types a plan may name.
-KV_CACHE_TYPES = {
-    "f32": _c.GGML_TYPE_F32,
-    "f16": _c.GGML_TYPE_F16,
-    "bf16": 30,  # GGML_TYPE_BF16; the bindings do not export its constant
-    "q8_0": _c.GGML_TYPE_Q8_0,
-    "q4_0": _c.GGML_TYPE_Q4_0,
-    "q4_1": _c.GGML_TYPE_Q4_1,
-    "q5_0": _c.GGML_TYPE_Q5_0,
-    "q5_1": _c.GGML_TYPE_Q5_1,
-}
 
 _LOG_LEVELS = {2: logging.ERROR, 3: logging.WARNING, 4: logging.INFO, 5: logging.DEBUG}
 _recent_errors: deque[str] = deque(maxlen=8)

@@ -24,6 +24,10 @@ class Availability:
         return {**asdict(self), "devices": list(self.devices)}
 
 
+# ggml type ids of the KV cache types a plan may name (stable across llama.cpp releases).
+KV_CACHE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
+
+
 @dataclass(frozen=True)
 class Settings:
     """How to load a model; keys follow llama-cpp-python's ``Llama()`` parameter names."""
@@ -42,6 +46,14 @@ class Settings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def to_llama_kwargs(self) -> dict[str, Any]:
+        """The same settings as llama-cpp-python ``Llama()`` keyword arguments."""
+        data = asdict(self)
+        del data["n_parallel"]
+        data["type_k"] = KV_CACHE_TYPES[self.type_k]
+        data["type_v"] = KV_CACHE_TYPES[self.type_v]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Settings:

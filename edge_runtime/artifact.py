@@ -1,0 +1,61 @@
+"""Artifact: one model file (or folder) in one format and quant, as a manifest records it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A runnable model file and what is known about it without loading it."""
+
+    path: str
+    format: str  # "gguf", "tflite", "onnx"
+    name: str
+    quant: str | None = None
+    size_bytes: int = 0
+    arch: str | None = None
+    n_params: int | None = None
+    n_ctx_train: int | None = None
+    sha256: str | None = None
+    source: str | None = None
+    quality: dict[str, Any] | None = field(default=None, hash=False)
+    profiles: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """``name quant`` for messages and tables."""
+        return f"{self.name} {self.quant}" if self.quant else self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["profiles"] = list(self.profiles)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Artifact:
+        known = set(cls.__dataclass_fields__)
+        kwargs = {k: v for k, v in data.items() if k in known}
+        kwargs["profiles"] = tuple(kwargs.get("profiles") or ())
+        return cls(**kwargs)
+
+
+def artifact_from_gguf(path: str | Path, *, name: str | None = None) -> Artifact:
+    """Describe a GGUF file from its header (checked against the file size, never loaded)."""
+    from .gguf_file import describe_gguf
+
+    info = describe_gguf(path)
+    return Artifact(
+        path=str(path), format="gguf", name=name or _short_name(Path(path), info.quant),
+        quant=info.quant, size_bytes=info.size_bytes, arch=info.arch, n_params=info.n_params,
+        n_ctx_train=info.n_ctx_train,
+    )
+
+
+def _short_name(path: Path, quant: str | None) -> str:
+    stem = path.stem
+    if quant and stem.lower().endswith(quant.lower()):
+        stem = stem[: -len(quant)].rstrip(".-_")
+    return stem

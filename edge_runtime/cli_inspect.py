@@ -1,0 +1,138 @@
+"""``edgert device``, ``profiles``, ``plan`` and ``models``: look at the machine and the models."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+MIB = 1 << 20
+
+
+def _json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def device(as_json: bool) -> None:
+    """What this machine is: CPU, SIMD, memory, GPU, board, thermal, backends, profile."""
+    from .device import detect, format_device
+    from .profiles import match_profile
+
+    info = detect()
+    profile = match_profile(info)
+    if as_json:
+        _json({**info.to_dict(), "profile": profile.id})
+    else:
+        click.echo(format_device(info, profile.id))
+
+
+@click.group()
+def profiles() -> None:
+    """Device profiles: list them, show one, or see which matches this machine."""
+
+
+@profiles.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def profiles_list(as_json: bool) -> None:
+    """Every known profile; * marks this machine's."""
+    from .device import detect
+    from .profiles import format_profile_table, load_profiles, match_profile
+
+    found = load_profiles()
+    current = match_profile(detect(probe_backends=False), found).id
+    if as_json:
+        _json({"current": current, "profiles": [p.to_dict() for p in found.values()]})
+    else:
+        click.echo(format_profile_table(found, current))
+
+
+@profiles.command("show")
+@click.argument("profile_id")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def profiles_show(profile_id: str, as_json: bool) -> None:
+    """Every setting of one profile."""
+    from .profiles import format_profile, get_profile
+
+    profile = get_profile(profile_id)
+    if as_json:
+        _json(profile.to_dict())
+    else:
+        click.echo(format_profile(profile))
+
+
+@profiles.command("match")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def profiles_match(as_json: bool) -> None:
+    """Which profile this machine matches, and why the others do not."""
+    from .device import detect
+    from .profiles import format_match, rank_profiles
+
+    ranked = rank_profiles(detect(probe_backends=False))
+    if as_json:
+        _json([{"profile": m.profile.id, "matched": m.matched, "reasons": list(m.reasons)} for m in ranked])
+    else:
+        click.echo(format_match(ranked))
+
+
+@click.command()
+@click.option("--model", "-m", default=None, help="A .gguf file or a model name (default: smollm2).")
+@click.option("--profile", "profile_id", default=None, help="Plan for this profile instead of the matched one.")
+@click.option("--backend", default=None, help="Force a backend (llama.cpp, onnx, tflite).")
+@click.option("--ctx", type=click.IntRange(min=16), default=None, help="Context size to plan for.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def plan(profile_id: str | None, as_json: bool, **opts: Any) -> None:
+    """Which backend, artifact and settings this device would run, and why."""
+    from .cli import make_plan
+
+    chosen = make_plan(opts, profile_id)
+    if as_json:
+        _json(chosen.to_dict())
+        return
+    s, m, a = chosen.settings, chosen.memory, chosen.artifact
+    rows = [
+        ("backend", f"{chosen.backend}        artifact  {a.label} ({a.size_bytes / MIB:.0f} MiB)"),
+        ("settings", f"threads {s.n_threads} · ctx {s.n_ctx} · batch {s.n_batch} · gpu layers "
+                     f"{s.n_gpu_layers} · kv {s.type_k} · flash attn {'on' if s.flash_attn else 'off'} · "
+                     f"mmap {'on' if s.use_mmap else 'off'}"),
+        ("memory", f"est. {m.total_bytes / MIB:.0f} MiB of {chosen.budget_bytes / MIB:.0f} MiB budget "
+                   f"(weights {m.weights_bytes / MIB:.0f} · KV {m.kv_bytes / MIB:.0f} · compute "
+                   f"{m.compute_bytes / MIB:.0f} · overhead {m.overhead_bytes / MIB:.0f})"
+                   + (f" · VRAM {m.vram_bytes / MIB:.0f} MiB" if m.vram_bytes else "")),
+        ("profile", chosen.profile),
+    ]
+    rows += [("why" if i == 0 else "", reason) for i, reason in enumerate(chosen.reasons)]
+    rows += [("rejected" if i == 0 else "", f"{r.artifact or r.backend} ({r.backend}): {r.why}")
+             for i, r in enumerate(chosen.rejected)] or [("rejected", "—")]
+    click.echo("\n".join(f"{label:<9} {value}" for label, value in rows))
+
+
+@click.group()
+def models() -> None:
+    """The models this runtime knows by name."""
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def models_list(as_json: bool) -> None:
+    """Embedded and stored models with size, quant, arch, context and sha256."""
+    from .store import list_models
+
+    entries = list_models()
+    if as_json:
+        _json([e.to_dict() for e in entries])
+        return
+    rows = [("NAME", "QUANT", "ARCH", "PARAMS", "CTX", "SIZE", "SHA256", "PATH")]
+    for e in entries:
+        if e.path is None:
+            rows.append((e.name, "-", "-", "-", "-", "-", "-", "not installed: " + e.description))
+            continue
+        rows.append((e.name, e.quant or "?", e.arch or "?", f"{(e.n_params or 0) / 1e6:.0f}M",
+                     str(e.n_ctx_train or "?"), f"{(e.size_bytes or 0) / MIB:.0f} MiB",
+                     (e.sha256 or "")[:12], str(e.path)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
