@@ -78,6 +78,13 @@ class GenerationError(EdgeRuntimeError):
     code = "generation_failed"
 
 
+class SlotsBusyError(EdgeRuntimeError):
+    """Every sequence of a model is busy and the wait for one ran out."""
+
+    http_status = 503
+    code = "server_busy"
+
+
 class InvalidConfigError(EdgeRuntimeError):
     """A profile, manifest, conversation file or option value that is malformed."""
 

