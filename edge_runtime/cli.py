@@ -82,7 +82,7 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-def make_plan(opts: dict[str, Any], profile_id: str | None = None) -> Any:
+def make_plan(opts: dict[str, Any], profile_id: str | None = None, *, parallel: int = 1) -> Any:
     """Detect the device, match its profile and plan the model named by the options."""
     from .device import detect
     from .planner import PlanRequest, choose_plan
@@ -92,7 +92,8 @@ def make_plan(opts: dict[str, Any], profile_id: str | None = None) -> Any:
     artifacts = find_artifacts(opts["model"])
     device = detect()
     profile = get_profile(profile_id) if profile_id else match_profile(device)
-    request = PlanRequest(ctx=opts.get("ctx"), threads=opts.get("threads"), backend=opts.get("backend"))
+    request = PlanRequest(ctx=opts.get("ctx"), threads=opts.get("threads"), backend=opts.get("backend"),
+                          n_parallel=parallel)
     return choose_plan(artifacts, device, profile, request)
 
 
@@ -189,8 +190,9 @@ def chat(system: str | None, **opts: Any) -> None:
 
 def _register_subcommands() -> None:
     from .cli_inspect import device, models, plan, profiles
+    from .cli_serve import serve
 
-    for command in (device, profiles, plan, models):
+    for command in (device, profiles, plan, models, serve):
         cli.add_command(command)
 
 

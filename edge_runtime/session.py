@@ -61,6 +61,22 @@ def compile_template(source: str) -> Callable[..., str]:
     return render
 
 
+class ChatFormatter:
+    """Renders messages with a model's own chat template (sandboxed) and tokenizes them."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self._render = compile_template(model.info.chat_template or FALLBACK_TEMPLATE)
+
+    def tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        """Tokens of ``messages`` followed by the prompt for the assistant's reply."""
+        info = self.model.info
+        text = self._render(messages=messages, add_generation_prompt=True,
+                            bos_token=info.bos_token or "", eos_token=info.eos_token or "")
+        add_bos = info.add_bos and not (info.bos_token and text.startswith(info.bos_token))
+        return self.model.tokenize(text, special=True, add_bos=add_bos)
+
+
 @dataclass(frozen=True)
 class Turn:
     """What one answer produced."""
@@ -86,7 +102,7 @@ class Session:
         self.messages: list[dict[str, str]] = []
         self.system = system
         self.last_turn: Turn | None = None
-        self._render = compile_template(model.info.chat_template or FALLBACK_TEMPLATE)
+        self._format = ChatFormatter(model)
         self._on_notice = on_notice or (lambda _msg: None)
         self._told_about_dropping = False
         self._window_start = 0  # index in messages of the oldest turn still sent to the model
@@ -125,15 +141,7 @@ class Session:
 
     def prompt_tokens(self, messages: list[dict[str, str]]) -> list[int]:
         """Render ``messages`` with the template and tokenize, ready for a reply."""
-        text = self._render(
-            messages=messages,
-            add_generation_prompt=True,
-            bos_token=self.model.info.bos_token or "",
-            eos_token=self.model.info.eos_token or "",
-        )
-        bos = self.model.info.bos_token
-        add_bos = self.model.info.add_bos and not (bos and text.startswith(bos))
-        return self.model.tokenize(text, special=True, add_bos=add_bos)
+        return self._format.tokens(messages)
 
     def _fit_to_context(self, user_text: str) -> list[int]:
         """Tokens of the conversation plus ``user_text``, dropping old turns until it fits."""
