@@ -8,6 +8,7 @@ artifact that fits wins; every alternative that lost is listed with why.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,31 +179,20 @@ def _fit(
     request: PlanRequest,
     budget: int,
 ) -> tuple[Settings, MemoryEstimate, list[str]]:
-    from .gguf_file import read_gguf_header
-    from .memory import estimate_memory
-
-    if artifact.format != "gguf":
-        raise _NoFit(f"no memory estimate for {artifact.format} artifacts yet")
-    header = read_gguf_header(artifact.path)
+    estimate, n_ctx_model, n_layer = _estimator(artifact, device, profile, request)
     reasons: list[str] = []
-    n_ctx_train = artifact.n_ctx_train or header.arch_key("context_length") or 2048
-    kv = request.kv_cache_type or profile.kv_cache_type
     threads = request.threads or profile.threads or device.cpu.performance_cores or device.cpu.physical_cores or 1
     reasons.append(f"threads {threads}: " + ("--threads" if request.threads else
                    "profile" if profile.threads else "physical performance cores"))
     if request.ctx is not None:
-        want = min(request.ctx, n_ctx_train)
-        reasons.append(f"ctx {want}: --ctx" + (f" capped at the model's training context" if want < request.ctx else ""))
+        want = min(request.ctx, n_ctx_model)
+        reasons.append(f"ctx {want}: --ctx" + (" capped at the model's context" if want < request.ctx else ""))
     else:
-        want = min(profile.default_ctx, n_ctx_train)
-        reasons.append(f"ctx {want}: profile default (model trained for {n_ctx_train})")
-    gpu = _usable_gpu(device, availability, profile, request)
-    n_layer = int(header.arch_key("block_count") or 0)
-
-    def estimate(n_ctx: int, gpu_layers: int) -> MemoryEstimate:
-        return estimate_memory(header, n_ctx=n_ctx, n_parallel=request.n_parallel, type_k=kv, type_v=kv,
-                               n_gpu_layers=gpu_layers, n_batch=profile.n_batch, n_ubatch=profile.n_batch,
-                               flash_attn=True, cpu_features=device.cpu.flags or None)
+        want = min(profile.default_ctx, n_ctx_model)
+        reasons.append(f"ctx {want}: profile default (model context {n_ctx_model})")
+    # Only GGUF layers can be offloaded layer by layer; other formats pick their device at load.
+    gpu = _usable_gpu(device, availability, profile, request) if artifact.format == "gguf" else None
+    kv = request.kv_cache_type or profile.kv_cache_type
 
     def fits(n_ctx: int, gpu_layers: int) -> bool:
         est = estimate(n_ctx, gpu_layers)
@@ -243,6 +233,36 @@ def _fit(
         use_mmap=True, n_parallel=request.n_parallel,
     )
     return settings, memory, reasons
+
+
+def _estimator(
+    artifact: Artifact, device: DeviceInfo, profile: DeviceProfile, request: PlanRequest
+) -> tuple[Callable[[int, int], MemoryEstimate], int, int]:
+    """(estimate(n_ctx, gpu_layers), the model's largest context, its layer count)."""
+    kv = request.kv_cache_type or profile.kv_cache_type
+    if artifact.format == "gguf":
+        from .gguf_file import read_gguf_header
+        from .memory import estimate_memory
+
+        header = read_gguf_header(artifact.path)
+
+        def gguf_estimate(n_ctx: int, gpu_layers: int) -> MemoryEstimate:
+            return estimate_memory(header, n_ctx=n_ctx, n_parallel=request.n_parallel, type_k=kv, type_v=kv,
+                                   n_gpu_layers=gpu_layers, n_batch=profile.n_batch, n_ubatch=profile.n_batch,
+                                   flash_attn=True, cpu_features=device.cpu.flags or None)
+
+        n_ctx_model = artifact.n_ctx_train or header.arch_key("context_length") or 2048
+        return gguf_estimate, int(n_ctx_model), int(header.arch_key("block_count") or 0)
+    spec = next(s for s in registry.BACKENDS if artifact.format in s.formats)
+    if spec.estimator is None:
+        raise _NoFit(f"no memory estimate for {artifact.format} artifacts")
+    estimate_other = registry.resolve(spec.estimator)
+
+    def other_estimate(n_ctx: int, gpu_layers: int) -> MemoryEstimate:
+        return estimate_other(artifact.path, n_ctx=n_ctx, n_parallel=request.n_parallel)  # type: ignore[operator]
+
+    # For TFLite the context is fixed by the exported KV cache; converters record it here.
+    return other_estimate, int(artifact.n_ctx_train or profile.default_ctx), 0
 
 
 def _usable_gpu(device: DeviceInfo, availability: Availability, profile: DeviceProfile, request: PlanRequest):

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime import backends
 from edge_runtime.artifact import Artifact, artifact_from_gguf
 from edge_runtime.backends.base import Availability
 from edge_runtime.device import CpuInfo, DeviceInfo, GpuInfo, MemoryInfo
@@ -107,15 +106,7 @@ def test_a_cpu_only_llama_build_never_offloads(llama_1b):
     assert plan.settings.n_gpu_layers == 0 and plan.memory.vram_bytes == 0
 
 
-@pytest.fixture
-def onnx_registered(monkeypatch):
-    """A second backend in the registry, as the onnx extra will add, for the planner's choice."""
-    spec = backends.BackendSpec(name="onnx", formats=("onnx",), probe="edge_runtime.backends.onnx:probe",
-                                loader="edge_runtime.backends.onnx:OnnxBackend", extra="onnx")
-    monkeypatch.setattr(backends, "BACKENDS", (*backends.BACKENDS, spec))
-
-
-def test_a_machine_without_onnxruntime_is_never_planned_onto_it(onnx_registered, smollm2_artifact, tmp_path):
+def test_a_machine_without_onnxruntime_is_never_planned_onto_it(smollm2_artifact, tmp_path):
     onnx_artifact = Artifact(path=str(tmp_path / "model-int4-onnx"), format="onnx", name="model", quant="int4")
     device = machine(16, 12, cores=8, arch="x86_64", flags=("avx2",), extra_backends=(NO_ONNX,))
     profile = get_profile("laptop-x86-16gb").__class__(**{**get_profile("laptop-x86-16gb").__dict__,

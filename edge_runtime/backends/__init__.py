@@ -22,6 +22,9 @@ class BackendSpec:
     probe: str  # "module:function" returning Availability
     loader: str  # "module:Class" implementing Backend
     extra: str | None  # the pip extra that installs its runtime
+    # "module:function(path, *, n_ctx, n_parallel) -> MemoryEstimate" for formats the GGUF
+    # header estimate cannot read; None for GGUF (the planner reads the header itself).
+    estimator: str | None = None
 
 
 BACKENDS: tuple[BackendSpec, ...] = (
@@ -32,10 +35,27 @@ BACKENDS: tuple[BackendSpec, ...] = (
         loader="edge_runtime.backends.llamacpp:LlamaCppBackend",
         extra=None,
     ),
+    BackendSpec(
+        name="onnx",
+        formats=("onnx",),
+        probe="edge_runtime.backends.onnx:probe",
+        loader="edge_runtime.backends.onnx:OnnxBackend",
+        extra="onnx",
+        estimator="edge_runtime.backends.onnx:estimate_memory",
+    ),
+    BackendSpec(
+        name="tflite",
+        formats=("tflite",),
+        probe="edge_runtime.backends.tflite:probe",
+        loader="edge_runtime.backends.tflite:TfliteBackend",
+        extra="tflite",
+        estimator="edge_runtime.backends.tflite:estimate_memory",
+    ),
 )
 
 
-def _resolve(target: str) -> object:
+def resolve(target: str) -> object:
+    """Import ``"module:attribute"`` and return the attribute."""
     module_name, _, attr = target.partition(":")
     return getattr(importlib.import_module(module_name), attr)
 
@@ -53,7 +73,7 @@ def probe(name: str) -> Availability:
     """Ask one backend whether it can run here; never raises for a missing runtime."""
     spec = backend_spec(name)
     try:
-        return _resolve(spec.probe)()  # type: ignore[operator]
+        return resolve(spec.probe)()  # type: ignore[operator]
     except ImportError as exc:
         hint = f'pip install "edge-runtime[{spec.extra}]"' if spec.extra else None
         return Availability(name=name, available=False, reason=str(exc), install_hint=hint)
@@ -68,7 +88,7 @@ def load_backend(name: str) -> type[Backend]:
     """Import and return the backend class, or say which extra installs it."""
     spec = backend_spec(name)
     try:
-        return _resolve(spec.loader)  # type: ignore[return-value]
+        return resolve(spec.loader)  # type: ignore[return-value]
     except ImportError as exc:
         hint = f'pip install "edge-runtime[{spec.extra}]"' if spec.extra else None
         raise BackendUnavailableError(f"the {name} backend cannot be imported: {exc}", hint) from exc
