@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+pytest_plugins = ["tiny_models"]
+
 import os
 import sys
 from pathlib import Path

@@ -1,0 +1,63 @@
+"""Child process for ``quantize.py``: runs llama.cpp's quantizer and reports its log.
+
+Run as ``python -m edge_runtime.converters.quantize_worker '<json request>'``. One JSON object per
+line goes to the original stdout: ``{"log": level, "text": line}`` for each llama.cpp log line,
+then ``{"rc": code, "errors": "llama.cpp's error lines"}``. Anything native code prints to stdout is sent to stderr instead, so the
+protocol stream carries only those lines.
+
+The quantizer is a single blocking C call that neither Ctrl-C nor a Python exception can stop;
+in a child process the parent can end it at once (and a llama.cpp abort ends only the child).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+from typing import IO
+
+
+class _LineForwarder(logging.Handler):
+    def __init__(self, stream: IO[str]) -> None:
+        super().__init__(logging.DEBUG)
+        self.stream = stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream.write(json.dumps({"log": record.levelno, "text": record.getMessage()}) + "\n")
+        self.stream.flush()
+
+
+def main(argv: list[str]) -> int:
+    """Quantize as the JSON request in ``argv[1]`` says; return llama.cpp's status."""
+    # The parent owns Ctrl-C: it kills this process and removes the partial file.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    request = json.loads(argv[1])
+    protocol = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
+
+    import llama_cpp
+
+    from edge_runtime.backends._llama_native import ensure_initialized, take_recent_errors
+
+    ensure_initialized()
+    logger = logging.getLogger("edge_runtime.llama_cpp")
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    logger.addHandler(_LineForwarder(protocol))
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = int(request["nthread"])
+    params.ftype = int(request["ftype"])
+    params.allow_requantize = bool(request["allow_requantize"])
+    rc = llama_cpp.llama_model_quantize(
+        request["src"].encode(), request["dst"].encode(), ctypes.byref(params))
+    protocol.write(json.dumps({"rc": int(rc), "errors": take_recent_errors()}) + "\n")
+    protocol.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
