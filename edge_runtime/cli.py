@@ -189,10 +189,11 @@ def chat(system: str | None, **opts: Any) -> None:
 
 
 def _register_subcommands() -> None:
+    from .cli_convert import convert, eval_
     from .cli_inspect import device, models, plan, profiles
     from .cli_serve import serve
 
-    for command in (device, profiles, plan, models, serve):
+    for command in (device, profiles, plan, models, serve, convert, eval_):
         cli.add_command(command)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import click
@@ -112,7 +113,7 @@ def plan(profile_id: str | None, as_json: bool, **opts: Any) -> None:
 
 @click.group()
 def models() -> None:
-    """The models this runtime knows by name."""
+    """The models this runtime knows by name: embedded ones and the model store."""
 
 
 @models.command("list")
@@ -127,6 +128,9 @@ def models_list(as_json: bool) -> None:
         return
     rows = [("NAME", "QUANT", "ARCH", "PARAMS", "CTX", "SIZE", "SHA256", "PATH")]
     for e in entries:
+        if e.error is not None:
+            rows.append((e.name, "-", "-", "-", "-", "-", "-", f"damaged: {e.error}"))
+            continue
         if e.path is None:
             rows.append((e.name, "-", "-", "-", "-", "-", "-", "not installed: " + e.description))
             continue
@@ -136,3 +140,113 @@ def models_list(as_json: bool) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+
+
+@models.command("add")
+@click.argument("src", type=click.Path(exists=True))
+@click.option("--name", default=None, help="Store name (default: from the manifest or the file name).")
+@click.option("--copy", "force_copy", is_flag=True, help="Copy the files even where a hard link would do.")
+@click.option("--json", "as_json", is_flag=True, help="Print the stored manifest as JSON.")
+def models_add(src: str, name: str | None, force_copy: bool, as_json: bool) -> None:
+    """Add a .gguf file or a folder written by `edgert convert` to the store (checked by sha256)."""
+    from .store import add_model
+
+    manifest = add_model(src, name=name, link=not force_copy)
+    if as_json:
+        _json({**manifest.to_dict(), "folder": str(manifest.folder)})
+        return
+    size = sum(a.size_bytes for a in manifest.artifacts)
+    quants = ", ".join(a.quant or "?" for a in manifest.artifacts)
+    click.echo(f"added {manifest.model} ({quants}; {size / MIB:.0f} MiB) to {manifest.folder}")
+
+
+@models.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def models_show(name: str, as_json: bool) -> None:
+    """Everything the manifest of a stored model (or a convert folder) records."""
+    from .manifest import read_manifest
+    from .store import find_embedded, list_models, open_model
+
+    if find_embedded(name) is not None:
+        entry = next(e for e in list_models(with_sha256=True) if e.name == name)
+        _json(entry.to_dict()) if as_json else click.echo(
+            "\n".join(f"{k:<12} {v}" for k, v in entry.to_dict().items()))
+        return
+    manifest = read_manifest(name) if Path(name).is_dir() else open_model(name)
+    if as_json:
+        _json({**manifest.to_dict(), "folder": str(manifest.folder)})
+        return
+    click.echo(format_manifest(manifest))
+
+
+def format_manifest(m: Any) -> str:
+    """A manifest as a few lines and a table of artifacts."""
+    src = m.source
+    lines = [f"model      {m.model}" + ("" if m.complete else "  (incomplete: the build did not finish)"),
+             f"folder     {m.folder}",
+             f"source     {src.get('name') or src.get('path')} ({src.get('kind', '?')}, {src.get('type') or '?'}"
+             + (", quantized" if src.get("quantized") else "") + f", sha256 {str(src.get('sha256'))[:12]})",
+             "tools      " + " · ".join(f"{k} {v}" for k, v in m.tools.items() if v)]
+    rows = [("FILE", "QUANT", "SIZE", "PPL", "KLD", "TOP-1", "SHA256", "PROFILES")]
+    for a in m.artifacts:
+        q = a.quality or {}
+        rows.append((a.file, a.quant or "?", f"{a.size_bytes / MIB:.0f} MiB",
+                     "-" if q.get("ppl") is None else f"{q['ppl']:.2f}",
+                     "-" if q.get("kld_mean") is None else f"{q['kld_mean']:.4f}",
+                     "-" if q.get("top1_agreement") is None else f"{100 * q['top1_agreement']:.1f}%",
+                     a.sha256[:12], ", ".join(a.profiles) or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    for p in (m.reference or {}).get("prompts", []):
+        lines.append(f"reference  {p['prompt']!r} → {p['continuation'][:60]!r}")
+    return "\n".join(lines)
+
+
+@models.command("verify")
+@click.argument("names", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.pass_context
+def models_verify(ctx: click.Context, names: tuple[str, ...], as_json: bool) -> None:
+    """Re-hash stored models (all, or NAMES; a convert folder too); exit 1 on any mismatch."""
+    from .errors import EdgeRuntimeError
+    from .store import store_names, verify_model
+
+    results = []
+    for name in names or store_names():
+        try:
+            _, checks = verify_model(name)
+            results.append({"name": name, "ok": all(c.ok for c in checks), "error": None,
+                            "files": [c.to_dict() for c in checks]})
+        except EdgeRuntimeError as exc:
+            results.append({"name": name, "ok": False, "error": exc.message, "files": []})
+    failed = any(not r["ok"] for r in results)
+    if as_json:
+        _json({"ok": not failed, "models": results})
+    else:
+        if not results:
+            click.echo("the store is empty; nothing to verify")
+        for r in results:
+            if r["error"]:
+                click.echo(f"DAMAGED   {r['name']}: {r['error']}")
+            for f in r["files"]:
+                detail = "" if f["status"] == "ok" else f" (expected {f['expected']}, found {f['actual'] or 'nothing'})"
+                click.echo(f"{f['status'].upper():<9} {r['name']}/{f['file']}{detail}")
+    if failed:
+        click.echo("error: some artifacts do not match their manifest", err=True)
+        click.echo("hint: rebuild them with `edgert convert`, or remove them with `edgert models rm`", err=True)
+        ctx.exit(1)
+
+
+@models.command("rm")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def models_rm(name: str, as_json: bool) -> None:
+    """Remove a model from the store (its files and manifest)."""
+    from .store import remove_model
+
+    folder = remove_model(name)
+    if as_json:
+        _json({"removed": name, "folder": str(folder)})
+    else:
+        click.echo(f"removed {name} ({folder})")

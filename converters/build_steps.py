@@ -1,0 +1,207 @@
+"""The steps ``build.py`` strings together: identify the source, describe an artifact, evaluate,
+record the reference continuations, and own the output folder while a build runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edge_runtime.errors import EdgeRuntimeError, InvalidConfigError
+from edge_runtime.manifest import Manifest, ManifestArtifact
+
+if TYPE_CHECKING:
+    from .build import BuildRequest
+
+# Fixed prompts whose greedy continuation by the unquantized artifact the manifest records, so a
+# device (device_tests/, `edgert eval`) can check that what it runs still says the same thing.
+REFERENCE_PROMPTS = (
+    "The capital of France is",
+    "Water boils at a temperature of",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+)
+REFERENCE_TOKENS = 32
+REFERENCE_CTX = 256
+
+
+@dataclass(frozen=True)
+class BuildEvent:
+    """Progress of one step, for a display: ``done`` of ``total`` units (bytes, tensors, windows)."""
+
+    stage: str  # "hashing", "converting", "quantizing", "evaluating", "reference"
+    label: str
+    done: int
+    total: int
+    reused: bool = False
+    finished: bool = False
+
+
+class OutputFolder:
+    """The build's folder, held for the build: one writer at a time, leftovers of killed runs swept."""
+
+    LOCK_NAME = ".edgert-build.lock"
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._handle: Any = None
+
+    def __enter__(self) -> OutputFolder:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._handle = open(self.folder / self.LOCK_NAME, "a+b")  # noqa: SIM115 (held on purpose)
+        try:
+            import fcntl
+
+            fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:
+            pass  # no advisory locks on this platform
+        except OSError:
+            self._handle.close()
+            raise EdgeRuntimeError(f"another `edgert convert` is writing to {self.folder}",
+                                   "wait for it to finish, or give a different --out") from None
+        # Temporary files of a run that was killed (a clean interruption removes its own).
+        for stale in self.folder.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.close()
+
+    def previous_manifest(self) -> tuple[Manifest | None, str | None]:
+        """The manifest of an earlier run (to reuse what it built), or why it cannot be used."""
+        from edge_runtime.manifest import has_manifest, read_manifest
+
+        if not has_manifest(self.folder):
+            return None, None
+        try:
+            return read_manifest(self.folder, check_files=False), None
+        except InvalidConfigError as exc:
+            return None, f"ignored the existing manifest ({exc.message}); everything is rebuilt"
+
+
+def source_identity(src: Path) -> dict[str, Any]:
+    """What the source is and its sha256 (the same hash the converter records)."""
+    from edge_runtime.gguf_file import read_gguf_header
+    from edge_runtime.store import file_sha256
+
+    if src.is_dir():
+        from . import safetensors_source as st
+        from .hf_to_gguf import check_source
+
+        info = check_source(src)
+        return {"kind": "hf", "path": str(src.resolve()), "name": info.name,
+                "sha256": st.hash_files(info.files, info.path), "architecture": info.hf_architecture,
+                "type": info.source_dtype, "quantized": False}
+    header = read_gguf_header(src)
+    quantized = any(t.type_name not in ("F32", "F16", "BF16") for t in header.tensors if len(t.shape) >= 2)
+    return {"kind": "gguf", "path": str(src.resolve()), "name": src.name, "sha256": file_sha256(src),
+            "architecture": header.architecture, "type": header.file_type_name, "quantized": quantized}
+
+
+def tool_versions(kind: str) -> dict[str, Any]:
+    """The versions that decide what an artifact's bytes are."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import llama_cpp
+
+    import edge_runtime
+
+    try:
+        gguf_version = version("gguf")
+    except PackageNotFoundError:
+        gguf_version = None
+    converter = "hf_to_gguf" if kind == "hf" else "gguf_source (llama.cpp quantizer)"
+    return {"edge_runtime": edge_runtime.__version__, "converter": f"{converter} {edge_runtime.__version__}",
+            "llama_cpp_python": llama_cpp.__version__, "gguf": gguf_version}
+
+
+def artifact_entry(path: Path, role: str, profiles: tuple[str, ...], build: dict[str, Any]) -> ManifestArtifact:
+    """A manifest entry for a finished GGUF file, read from its header and hashed."""
+    from edge_runtime.gguf_file import describe_gguf
+    from edge_runtime.store import file_sha256
+
+    info = describe_gguf(path)
+    return ManifestArtifact(
+        file=path.name, format="gguf", quant=info.quant, size_bytes=info.size_bytes,
+        sha256=file_sha256(path), arch=info.arch, n_params=info.n_params, n_ctx_train=info.n_ctx_train,
+        role=role, quality=None, profiles=profiles, build=build,
+    )
+
+
+def evaluate_artifacts(
+    entries: list[ManifestArtifact],
+    previous: Manifest | None,
+    key: dict[str, Any],
+    request: BuildRequest,
+    folder: Path,
+    emit: Callable[[BuildEvent], None],
+) -> list[ManifestArtifact]:
+    """Entries with quality figures: reused where the files and settings match, else measured."""
+    from dataclasses import replace
+
+    from .evaluate import QualityReport, compare, evaluate
+
+    old_key = {k: (previous.evaluation or {}).get(k) for k in key} if previous else None
+    old_quality = {a.sha256: a.quality for a in previous.artifacts} if previous and old_key == key else {}
+    entries = [replace(e, quality=old_quality.get(e.sha256)) for e in entries]
+    base, quants = entries[0], entries[1:]
+    todo = [q for q in quants if q.quality is None]
+    base_needs = base.quality is None and (bool(todo) or request.text is not None)
+    against = (base.quant or "base").lower()
+    label = f"perplexity, KLD vs {against}" if request.text else f"KLD, top-1 vs {against}"
+    if not todo and not base_needs:
+        if any(e.quality for e in entries):
+            emit(BuildEvent("evaluating", label, 1, 1, reused=True))
+        return entries
+
+    def progress(done: int, total: int) -> None:
+        emit(BuildEvent("evaluating", label, done, total))
+
+    options = {"text": request.text, "n_ctx": request.n_ctx, "n_chunks": request.n_chunks,
+               "threads": request.threads, "progress": progress}
+    if todo:
+        reports = compare([folder / q.file for q in todo], folder / base.file, **options)
+    else:
+        reports = [evaluate(folder / base.file, None, **options)]
+    by_file = {q.file: r for q, r in zip(todo, reports)}
+    first = reports[0]
+    ref_ppl = first.ppl_ref if todo else first.ppl
+    base_report = QualityReport(
+        ppl=ref_ppl, ppl_ref=ref_ppl, delta_ppl_pct=0.0 if ref_ppl is not None else None,
+        kld_mean=None, top1_agreement=None, n_tokens=first.n_tokens, n_chunks=first.n_chunks,
+        n_ctx=first.n_ctx, text_sha256=first.text_sha256, text_source=first.text_source,
+    )
+    emit(BuildEvent("evaluating", label, 1, 1, finished=True))
+    out = [replace(base, quality=base.quality if base.quality and not base_needs else base_report.to_dict())]
+    out += [replace(q, quality=by_file[q.file].to_dict()) if q.file in by_file else q for q in quants]
+    return out
+
+
+def reference_continuations(
+    base_path: Path, base_sha: str, previous: Manifest | None, threads: int | None,
+    emit: Callable[[BuildEvent], None],
+) -> dict[str, Any]:
+    """The greedy continuation of each ``REFERENCE_PROMPTS`` prompt by the unquantized artifact."""
+    from edge_runtime.backends.base import SamplingParams, Settings
+    from edge_runtime.backends.llamacpp import LlamaCppModel
+
+    old = previous.reference if previous else None
+    if (old and old.get("artifact_sha256") == base_sha and old.get("max_tokens") == REFERENCE_TOKENS
+            and [p.get("prompt") for p in old.get("prompts", [])] == list(REFERENCE_PROMPTS)):
+        emit(BuildEvent("reference", "greedy continuations", 1, 1, reused=True))
+        return old
+    rows = []
+    params = SamplingParams(max_tokens=REFERENCE_TOKENS, temperature=0.0)
+    with LlamaCppModel(str(base_path), Settings(n_ctx=REFERENCE_CTX, n_threads=threads)) as model:
+        for i, prompt in enumerate(REFERENCE_PROMPTS):
+            emit(BuildEvent("reference", "greedy continuations", i, len(REFERENCE_PROMPTS)))
+            model.reset()
+            tokens = model.tokenize(prompt, add_bos=model.info.add_bos)
+            events = list(model.generate(tokens, params))
+            rows.append({"prompt": prompt, "continuation": "".join(e.text for e in events),
+                         "tokens": [e.token for e in events if e.token is not None]})
+        add_bos = model.info.add_bos
+    emit(BuildEvent("reference", "greedy continuations", 1, 1, finished=True))
+    return {"artifact": base_path.name, "artifact_sha256": base_sha, "sampling": "greedy",
+            "max_tokens": REFERENCE_TOKENS, "add_bos": add_bos, "chat_template": False, "prompts": rows}
