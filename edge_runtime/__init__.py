@@ -16,14 +16,26 @@ if TYPE_CHECKING:
     from .session import Session
 
 
-def load(model: str | None = None, settings: Settings | None = None, *, backend: str = "llama.cpp") -> Model:
-    """Load a model by path or name (default: the embedded SmolLM2) on a backend."""
-    from .backends import load_backend
-    from .backends.base import Settings
-    from .store import resolve_model
+def load(model: str | None = None, settings: Settings | None = None, *, backend: str | None = None) -> Model:
+    """Load a model by path or name (default: the embedded SmolLM2).
 
-    path = resolve_model(model)
-    return load_backend(backend).load(str(path), settings or Settings())
+    Without ``backend`` the first artifact decides (a .gguf runs on llama.cpp, an ONNX folder on
+    onnx, a .tflite on tflite); with it, the first artifact in that backend's format is loaded.
+    For the device-aware choice among several artifacts, use the planner (``edgert plan``).
+    """
+    from .backends import BACKENDS, backend_spec, load_backend
+    from .backends.base import Settings
+    from .errors import ModelNotFoundError
+    from .store import find_artifacts
+
+    artifacts = find_artifacts(model)
+    if backend is None:
+        backend = next(s.name for s in BACKENDS if artifacts[0].format in s.formats)
+    formats = backend_spec(backend).formats
+    artifact = next((a for a in artifacts if a.format in formats), None)
+    if artifact is None:
+        raise ModelNotFoundError(f"{model or 'the default model'} has no artifact for the {backend} backend")
+    return load_backend(backend).load(artifact.path, settings or Settings())
 
 
 def __getattr__(name: str) -> object:

@@ -97,11 +97,12 @@ def make_plan(opts: dict[str, Any], profile_id: str | None = None, *, parallel: 
     return choose_plan(artifacts, device, profile, request)
 
 
-def _load(opts: dict[str, Any]) -> Any:
+def _load(opts: dict[str, Any]) -> tuple[Any, Any]:
+    """(model, plan): the planned artifact loaded on the planned backend."""
     from .backends import load_backend
 
     plan = make_plan(opts)
-    return load_backend(plan.backend).load(plan.artifact.path, plan.settings)
+    return load_backend(plan.backend).load(plan.artifact.path, plan.settings), plan
 
 
 def _sampling(opts: dict[str, Any]) -> Any:
@@ -112,15 +113,6 @@ def _sampling(opts: dict[str, Any]) -> Any:
         top_p=opts["top_p"], min_p=opts["min_p"], repeat_penalty=opts["repeat_penalty"],
         seed=opts["seed"],
     )
-
-
-def display_name(model: Any) -> str:
-    """A model's short name: its file name without the quant suffix, then the quant."""
-    stem = Path(model.path).stem
-    quant = model.info.quant or ""
-    if quant and stem.lower().endswith(quant.lower()):
-        stem = stem[: -len(quant)].rstrip(".-_")
-    return f"{stem} {quant}".strip()
 
 
 @cli.command()
@@ -134,7 +126,7 @@ def run(prompt: str, as_chat: bool, system: str | None, as_json: bool, **opts: A
     from .chat import stats_line
     from .session import Session
 
-    model = _load(opts)
+    model, plan = _load(opts)
     params = _sampling(opts)
     if as_chat:
         stream = Session(model, system=system, params=params).send(prompt)
@@ -151,7 +143,7 @@ def run(prompt: str, as_chat: bool, system: str | None, as_json: bool, **opts: A
     stats = last.stats if last else None
     if as_json:
         click.echo(json.dumps({
-            "model": display_name(model), "text": "".join(pieces),
+            "model": plan.artifact.label, "text": "".join(pieces),
             "finish_reason": last.finish_reason if last else None,
             "stats": stats.to_dict() if stats else None,
         }))
@@ -170,7 +162,7 @@ def chat(system: str | None, **opts: Any) -> None:
     from .chat import ChatLoop
     from .session import Session
 
-    model = _load(opts)
+    model, plan = _load(opts)
     interactive = sys.stdin.isatty()
     notice = functools.partial(click.echo, err=True)
     session = Session(model, system=system, params=_sampling(opts),
@@ -178,8 +170,8 @@ def chat(system: str | None, **opts: Any) -> None:
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
 
-        gpu = "GPU" if model.settings.n_gpu_layers else "CPU"
-        click.echo(f"edge-runtime · {display_name(model)} · llama.cpp ({gpu}, {model.n_threads} "
+        gpu = "GPU" if plan.settings.n_gpu_layers else "CPU"
+        click.echo(f"edge-runtime · {plan.artifact.label} · {plan.backend} ({gpu}, {plan.settings.n_threads} "
                    f"threads) · ctx {model.info.n_ctx}", err=True)
         click.echo("/help lists commands · Ctrl-C stops an answer · Ctrl-D leaves", err=True)
     try:

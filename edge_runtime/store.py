@@ -244,11 +244,28 @@ def find_artifacts(spec: str | None) -> list[Artifact]:
     A file or an embedded model gives one; a folder holding a manifest or a store name gives all
     of its artifacts (``NAME:QUANT`` or ``FOLDER:QUANT`` only that one).
     """
-    from .artifact import artifact_from_gguf
-
     spec = spec or DEFAULT_MODEL
     found = _named_collection(spec)
-    return found if found is not None else [artifact_from_gguf(resolve_model(spec))]
+    return found if found is not None else [describe_artifact(resolve_model(spec))]
+
+
+def describe_artifact(path: Path) -> Artifact:
+    """One model file or folder as an artifact, by its format (checked, never loaded)."""
+    if path.is_dir():
+        from .backends.onnx import artifact_from_onnx
+
+        return artifact_from_onnx(path)
+    if path.suffix.lower() == ".tflite":
+        from .backends.tflite import artifact_from_tflite
+
+        return artifact_from_tflite(path)
+    from .artifact import artifact_from_gguf
+
+    return artifact_from_gguf(path)
+
+
+def _is_onnx_folder(path: Path) -> bool:
+    return (path / "genai_config.json").is_file()
 
 
 _QUANT_SUFFIX = re.compile(r"^(?P<name>.+):(?P<quant>[A-Za-z0-9_]+)$")
@@ -260,8 +277,8 @@ def _named_collection(spec: str) -> list[Artifact] | None:
 
     path = Path(spec).expanduser()
     if path.exists():
-        if not path.is_dir():
-            return None
+        if not path.is_dir() or _is_onnx_folder(path):
+            return None  # a single artifact: describe_artifact reads it
         if not has_manifest(path):
             raise InvalidModelFileError(f"{spec}: a folder without a manifest.json",
                                         "name a .gguf file inside it, or a folder written by `edgert convert`")
