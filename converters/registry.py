@@ -17,6 +17,7 @@ from edge_runtime.errors import UnsupportedModelError
 # format -> modules whose import registers that format's converters
 MODULES: dict[str, tuple[str, ...]] = {
     "gguf": ("edge_runtime.converters.gguf_arch",),
+    "tflite": ("edge_runtime.converters.tflite_config",),
 }
 
 _registered: dict[tuple[str, str], type] = {}
