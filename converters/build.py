@@ -27,6 +27,7 @@ from typing import Any
 from edge_runtime.errors import InvalidConfigError, ModelNotFoundError
 from edge_runtime.manifest import Manifest, ManifestArtifact
 
+from .build_formats import FormatOptions, OtherFormats, plan_other_rungs, split_quants
 from .build_steps import (
     BuildEvent,
     OutputFolder,
@@ -58,6 +59,8 @@ class BuildRequest:
     n_chunks: int | None = 16
     threads: int | None = None
     add_to_store: bool = True
+    formats: tuple[str, ...] | None = None  # None: gguf (the CLI defaults to the profiles' formats)
+    format_options: FormatOptions = FormatOptions()
 
 
 @dataclass(frozen=True)
@@ -172,8 +175,14 @@ def build(request: BuildRequest, *, on_event: OnEvent | None = None) -> BuildRes
     emit = on_event or (lambda e: None)
     if request.outtype not in OUTTYPES:
         raise InvalidConfigError(f"unknown --outtype {request.outtype!r}", f"choose one of {', '.join(OUTTYPES)}")
-    rungs, warnings = plan_rungs(request.profiles, request.quants, request.outtype)
-    text_sha = read_text(request.text)[1] if request.evaluate and request.text else None  # fail early
+    formats = request.formats or ("gguf",)
+    by_format = split_quants(request.quants, formats) if request.quants is not None else None
+    rungs, warnings = ([], [])
+    if "gguf" in formats:
+        rungs, warnings = plan_rungs(request.profiles, by_format["gguf"] if by_format else None, request.outtype)
+    others = plan_other_rungs(formats, request.profiles, by_format, request.outtype, RUNGS_PER_PROFILE)
+    warnings += others.warnings
+    text_sha = read_text(request.text)[1] if request.evaluate and request.text and "gguf" in formats else None
     src, model = resolve_source(request.source)
     folder = Path(request.out) if request.out else default_out(model)
     with OutputFolder(folder) as out:
@@ -185,18 +194,29 @@ def build(request: BuildRequest, *, on_event: OnEvent | None = None) -> BuildRes
         emit(BuildEvent("hashing", "source", 1, 1, finished=True))
         tools = tool_versions(source["kind"])
         state = _State(model, source, tools, previous, folder)
-        base_type = request.outtype.upper()
-        base_profiles = tuple(p for r in rungs if r.qtype == base_type for p in r.profiles)
-        base = state.make_base(src, request.outtype, base_profiles, emit)
-        for rung in (r for r in rungs if r.qtype != base_type):
-            state.make_quant(base, rung, request.threads, emit)
-        if request.evaluate:
+        base = None
+        if "gguf" in formats:
+            base_type = request.outtype.upper()
+            base_profiles = tuple(p for r in rungs if r.qtype == base_type for p in r.profiles)
+            base = state.make_base(src, request.outtype, base_profiles, emit)
+            for rung in (r for r in rungs if r.qtype != base_type):
+                state.make_quant(base, rung, request.threads, emit)
+        n_gguf = len(state.entries)
+        builder = OtherFormats(model, folder, src, source, previous, request.format_options, request.threads, emit)
+        for fmt, types in others.by_format.items():
+            for qtype, profiles in types.items():
+                role = "base" if qtype in ("f32", "fp32", "fp16") else "quantized"
+                entry, reused = builder.make(fmt, qtype, tuple(profiles), role)
+                state._add(entry, reused)
+        if base is not None and request.evaluate:
             key = {"text_sha256": text_sha, "n_ctx": request.n_ctx, "n_chunks": request.n_chunks,
                    "base_sha256": base.sha256}
             state.evaluation = {"text": str(request.text) if request.text else None, **key,
                                 "method": "llama-perplexity windows (second half scored); KLD and top-1 vs the base"}
-            state.entries = evaluate_artifacts(state.entries, previous, key, request, folder, emit)
-        state.reference = reference_continuations(folder / base.file, base.sha256, previous, request.threads, emit)
+            gguf = evaluate_artifacts(state.entries[:n_gguf], previous, key, request, folder, emit)
+            state.entries = gguf + state.entries[n_gguf:]
+        if base is not None:
+            state.reference = reference_continuations(folder / base.file, base.sha256, previous, request.threads, emit)
         manifest = state.save(complete=True)
     stored = None
     if request.add_to_store:
@@ -208,7 +228,8 @@ def build(request: BuildRequest, *, on_event: OnEvent | None = None) -> BuildRes
             warnings.append(f"not added to the model store: {exc.message}; add it with "
                             f"`edgert models add {folder} --name NAME`")
     wanted = {e.file for e in state.entries}
-    stray = sorted(p.name for p in folder.glob("*.gguf") if p.name not in wanted)
+    stray = sorted(p.name for pattern in ("*.gguf", "*.tflite", "*-onnx") for p in folder.glob(pattern)
+                   if p.name not in wanted)
     if stray:
         warnings.append(f"left in {folder} but not part of this build: {', '.join(stray)}")
     return BuildResult(folder, manifest, tuple(state.reused), tuple(state.built), tuple(warnings), stored)

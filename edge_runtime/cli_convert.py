@@ -73,8 +73,43 @@ def _amount(total: int) -> str:
     return f"{total / MB:.0f} MB" if total > 10 * MB else ""
 
 
-@click.command()
+_CONVERT_HELP = """Convert SRC (a HF folder, a .gguf file or a model name) into the artifacts profiles need.
+
+\b
+Formats (--format, comma-separated) and their recipes (--quant names):
+  gguf    llama.cpp types: Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, Q4_1, IQ4_NL, Q3_K_M, Q2_K, ...
+  tflite  LiteRT: int8 (dynamic_int8), int4 (dynamic_int4_block32), fp16 (fp16), f32 (none)
+  onnx    onnxruntime-genai: int8, int4, fp32
+Default formats: those the named profiles' backend orders list and have a quant ladder for;
+without --profile, gguf only. A --quant name applies to the formats that know it
+(Q4_0,int8 builds GGUF Q4_0 and TFLite/ONNX int8). --outtype is the unquantized base of every
+format (f32: TFLite f32 and ONNX fp32 too; f16/bf16: TFLite fp16, ONNX fp32, built only when
+that format gets no other type).
+"""
+
+
+def _lengths(ctx: Any, param: Any, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        lengths = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter("expected comma-separated token counts, e.g. 8,64,256") from None
+    if not lengths or min(lengths) < 1:
+        raise click.BadParameter("expected comma-separated token counts, e.g. 8,64,256")
+    return lengths
+
+
+@click.command(help=_CONVERT_HELP)
 @click.argument("src", required=False)
+@click.option("--format", "formats", default=None,
+              help="Comma-separated formats: gguf, tflite, onnx (default: the profiles' backends, else gguf).")
+@click.option("--tflite-kv-len", type=click.IntRange(min=2), default=None,
+              help="TFLite: the exported KV cache, i.e. the context (default: min(1024, the model's)).")
+@click.option("--tflite-prefill", callback=_lengths, default=None,
+              help="TFLite: prefill signature lengths (default 8,64,256; those below the KV length).")
+@click.option("--onnx-provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="ONNX: the execution provider the graph is built for.")
 @click.option("--profile", "profiles", multiple=True,
               help="Build the rungs this profile's quant ladder asks for (repeatable).")
 @click.option("--all-profiles", is_flag=True, help="Build for every known profile.")
@@ -82,7 +117,7 @@ def _amount(total: int) -> str:
 @click.option("--outtype", type=click.Choice(["f32", "f16", "bf16"]), default="f16", show_default=True,
               help="The unquantized base every rung is made from.")
 @click.option("--quant", "quants", default=None,
-              help="Comma-separated GGUF types (Q4_0,Q8_0,...); replaces the profiles' rungs.")
+              help="Comma-separated types of any format (Q4_0,Q8_0,int8,int4,...); replaces the profiles' rungs.")
 @click.option("--no-eval", is_flag=True, help="Skip the quality evaluation.")
 @click.option("--text", type=click.Path(dir_okay=False), default=None,
               help="Text for perplexity (without it: KLD and top-1 on text the base model writes).")
@@ -94,10 +129,10 @@ def _amount(total: int) -> str:
 @click.option("--no-store", is_flag=True, help="Do not add the result to the model store.")
 @click.option("--list-supported", is_flag=True, help="List the Hugging Face architectures that convert, and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of the table.")
-def convert(src: str | None, profiles: tuple[str, ...], all_profiles: bool, out: str | None, outtype: str,
+def convert(src: str | None, formats: str | None, tflite_kv_len: int | None, tflite_prefill: tuple[int, ...] | None,
+            onnx_provider: str, profiles: tuple[str, ...], all_profiles: bool, out: str | None, outtype: str,
             quants: str | None, no_eval: bool, text: str | None, n_ctx: int, n_chunks: int,
             threads: int | None, no_store: bool, list_supported: bool, as_json: bool) -> None:
-    """Convert SRC (a HF folder, a .gguf file or a model name) into the artifacts profiles need."""
     if list_supported:
         from .converters.hf_to_gguf import supported_architectures
 
@@ -107,6 +142,7 @@ def convert(src: str | None, profiles: tuple[str, ...], all_profiles: bool, out:
     if not src:
         raise click.UsageError("missing SRC (a Hugging Face folder, a .gguf file or a model name)")
     from .converters.build import BuildRequest, build
+    from .converters.build_formats import FormatOptions, default_formats, parse_formats
 
     if all_profiles:
         from .profiles import load_profiles
@@ -115,7 +151,9 @@ def convert(src: str | None, profiles: tuple[str, ...], all_profiles: bool, out:
     wanted = tuple(q.strip() for q in quants.split(",") if q.strip()) if quants is not None else None
     request = BuildRequest(source=src, out=out, profiles=profiles, quants=wanted, outtype=outtype,
                            evaluate=not no_eval, text=text, n_ctx=n_ctx, n_chunks=n_chunks,
-                           threads=threads, add_to_store=not no_store)
+                           threads=threads, add_to_store=not no_store, formats=parse_formats(formats) or default_formats(profiles),
+                           format_options=FormatOptions(tflite_kv_len=tflite_kv_len, tflite_prefill=tflite_prefill,
+                                                        onnx_provider=onnx_provider))
     with _terminate_as_interrupt(), _BuildDisplay() as display:
         result = build(request, on_event=display)
     for warning in result.warnings:
@@ -131,16 +169,20 @@ def format_summary(result: Any) -> str:
     """The table ``edgert convert`` prints: artifact, size, ppl, Δppl, KLD, top-1, profiles."""
     rows = [("artifact", "size", "ppl", "Δppl", "KLD", "top-1", "profiles")]
     notes = []
+    unmeasured: list[str] = []
     for a in result.manifest.artifacts:
         q = a.quality or {}
         label = f"{(a.quant or '?').lower()} (reference)" if a.role == "base" else str(a.quant)
+        if a.format != "gguf":
+            label = f"{a.format} {a.quant}"
+            unmeasured.append(a.format)
         if a.fallbacks:
             label += "*"
             more = ", ..." if len(a.fallbacks) > 1 else ""
             n = len(a.fallbacks)
             notes.append(f"* {a.quant}: {n} tensor{'s' if n > 1 else ''} fell back to another type "
                          f"({a.fallbacks[0]}{more})")
-        base = a.role == "base"
+        base = a.role == "base" or a.format != "gguf"
         rows.append((
             label, f"{a.size_bytes / MB:.0f} MB",
             _num(q.get("ppl"), "{:.2f}"),
@@ -153,6 +195,9 @@ def format_summary(result: Any) -> str:
     lines = ["  ".join(c.rjust(w) if i == 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
              + "  " + r[-1] for r in rows]
     lines = [line.rstrip() for line in lines] + notes
+    if unmeasured:
+        lines.append(f"—: quality not measured for {', '.join(dict.fromkeys(unmeasured))} "
+                     "(the evaluation runs on llama.cpp only)")
     evaluation = result.manifest.evaluation
     compared = any(a.quality and a.quality.get("kld_mean") is not None for a in result.manifest.artifacts)
     if evaluation and not evaluation.get("text") and compared:

@@ -150,8 +150,12 @@ def add_model(src: str | Path, *, name: str | None = None, link: bool = True, ve
             mask = os.umask(0)
             os.umask(mask)
             os.chmod(staging, 0o777 & ~mask)  # mkdtemp's 0700 would hide the entry from other users
+            companions: set[str] = set()
             for a in manifest.artifacts:
                 _place(manifest.folder / a.file, staging / a.file, a.sha256, link=link)  # type: ignore[operator]
+                companions.update(_companion_names(manifest.folder / a.file, a.format))  # type: ignore[operator]
+            for extra in sorted(companions - {a.file for a in manifest.artifacts}):
+                _place_companion(manifest.folder / extra, staging / extra, link=link)  # type: ignore[operator]
             stored = Manifest.from_dict({**manifest.to_dict(), "model": name}, folder=staging)
             write_manifest(staging, stored)
             _swap_into_place(staging, root / name)
@@ -201,6 +205,26 @@ def _place(src: Path, dst: Path, sha256: str, *, link: bool) -> None:
         os.fsync(fout.fileno())
     if digest.hexdigest() != sha256:
         raise InvalidModelFileError(f"{src}: changed while it was copied (sha256 differs)", "add it again")
+
+
+def _companion_names(path: Path, fmt: str) -> list[str]:
+    """Files beside an artifact that it needs to load (a .tflite's tokenizer and description)."""
+    if fmt != "tflite":
+        return []  # a GGUF holds everything; an ONNX folder is copied whole
+    from .backends.tflite_signatures import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, sidecar_path
+
+    names = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, sidecar_path(path).name)
+    return [n for n in names if (path.parent / n).is_file()]
+
+
+def _place_companion(src: Path, dst: Path, *, link: bool) -> None:
+    if link:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass
+    shutil.copyfile(src, dst)
 
 
 def _swap_into_place(staging: Path, target: Path) -> None:

@@ -145,6 +145,10 @@ class NativeContext:
         params.n_batch = settings.n_batch
         params.n_ubatch = min(settings.n_ubatch, settings.n_batch)
         params.n_seq_max = settings.n_parallel
+        # One KV store shared by every slot: with a store per sequence llama.cpp splits a batch
+        # into one compute per sequence unless the ids come in order, which undoes batching.
+        # Each slot still stops at its own n_ctx (the model checks positions).
+        params.kv_unified = settings.n_parallel > 1
         # Generation reads one row of logits per sequence and step; without this cap llama.cpp
         # reserves logits for a whole batch (hundreds of MiB of VRAM for a large vocabulary).
         params.n_outputs_max = settings.n_parallel
