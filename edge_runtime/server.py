@@ -239,6 +239,8 @@ def _generate_in_thread(state: ServerState, model: Model, tokens: list[int], par
                 state.started()
                 for event in slot.generate(tokens, params, cancel=cancel):
                     put(event)
+                    if event.finish_reason is not None:  # here, so abandoned streams count too
+                        state.metrics.observe(event.stats, event.finish_reason)
         except BaseException as exc:  # delivered to the handler, which answers with it
             put(exc)
         finally:
@@ -293,7 +295,6 @@ async def _sse_stream(state: ServerState, req: CompletionRequest, rid: str, n_pr
             if event.text:
                 yield sse(chunk_body(req, rid, model_id, text=event.text))
             if event.finish_reason is not None:
-                state.metrics.observe(event.stats)
                 yield sse(chunk_body(req, rid, model_id, finish=event.finish_reason))
                 if req.include_usage:
                     yield sse(usage_chunk(req, rid, model_id, usage(event.stats, n_prompt)))
@@ -314,7 +315,6 @@ async def _collect(state: ServerState, request: Request, req: CompletionRequest,
             event: TokenEvent = item
             pieces.append(event.text)
             if event.finish_reason is not None:
-                state.metrics.observe(event.stats)
                 body = completion_body(req, rid, state.config.model_id, "".join(pieces), event.finish_reason,
                                        usage(event.stats, n_prompt))
                 return JSONResponse(body)

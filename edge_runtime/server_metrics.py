@@ -20,6 +20,8 @@ class ServerMetrics:
         self.cached_tokens = Counter("edgert_cached_prompt_tokens",
                                      "Prompt tokens served from the KV cache (prefix reuse)", registry=r)
         self.generated_tokens = Counter("edgert_generated_tokens", "Tokens generated", registry=r)
+        self.finished = Counter("edgert_generations_finished", "Generations by finish reason", ["reason"],
+                                registry=r)
         self.ttft = Histogram("edgert_time_to_first_token_seconds", "Request start to first token",
                               buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
         self.decode_speed = Histogram("edgert_decode_tokens_per_second", "Decode speed per request",
@@ -27,8 +29,9 @@ class ServerMetrics:
         self.queue_depth = Gauge("edgert_queue_depth", "Requests waiting for a slot", registry=r)
         self.slots_busy = Gauge("edgert_slots_busy", "Slots generating now", registry=r)
 
-    def observe(self, stats: GenerationStats | None) -> None:
+    def observe(self, stats: GenerationStats | None, finish_reason: str) -> None:
         """Record one finished generation."""
+        self.finished.labels(finish_reason).inc()
         if stats is None:
             return
         self.prompt_tokens.inc(stats.prompt_tokens)

@@ -202,11 +202,11 @@ def test_a_client_that_disconnects_frees_its_slot(edgert_cmd):
             assert res.status_code == 200
             for _ in zip(range(3), res.iter_lines()):
                 pass
-            assert _metric(base, "edgert_slots_busy") == 1
         deadline = time.monotonic() + 30  # a hang guard; the slot frees within one token
         while _metric(base, "edgert_slots_busy") != 0:
             assert time.monotonic() < deadline, "the slot was not freed"
             time.sleep(0.05)
+        assert _metric(base, 'edgert_generations_finished_total{reason="cancelled"}') == 1
         reply = httpx.post(f"{base}/v1/completions", json={"prompt": "Hi", "max_tokens": 4}, timeout=60)
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1
         generated = _metric(base, "edgert_generated_tokens_total")
