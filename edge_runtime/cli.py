@@ -181,11 +181,12 @@ def chat(system: str | None, **opts: Any) -> None:
 
 
 def _register_subcommands() -> None:
+    from .cli_bench import bench, device_test, report
     from .cli_convert import convert, eval_
     from .cli_inspect import device, models, plan, profiles
     from .cli_serve import serve
 
-    for command in (device, profiles, plan, models, serve, convert, eval_):
+    for command in (device, profiles, plan, models, serve, convert, eval_, bench, report, device_test):
         cli.add_command(command)
 
 

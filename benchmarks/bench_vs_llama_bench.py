@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""`edgert bench` against llama.cpp's own `llama-bench`: prompt processing and decode, side by side.
+
+Both measure the same GGUF file with the same threads, batch sizes, flash attention (on), KV cache
+type and repetitions:
+
+- prompt processing (pp): a 512-token prompt from an empty cache. llama-bench: ``-p 512 -n 0``.
+  edgert: ``prefill_tok_s`` at ``--prompt-tokens 512`` (one generated token; the time to it is
+  prefill plus one sampling step).
+- decode (tg): 128 tokens. llama-bench's ``-n 128`` decodes random tokens after the cache holds
+  ``-d`` tokens; edgert decodes greedily through ``Model.generate`` after a 16-token prompt, so
+  llama-bench runs with ``-d 16`` and both decode at the same depth. edgert counts the tokens after
+  the first over the time after the first, and pays for sampling, detokenizing and streaming
+  each token as users do; llama-bench times bare ``llama_decode`` calls.
+
+Runs alternate (llama-bench pp, llama-bench tg, edgert bench) for ``--rounds`` rounds; the table
+shows the median of the rounds' means and the ratio edgert / llama-bench. Target: tg ratio
+>= 0.95. Then the figures only edgert bench gives. The script reports; it never fails on a
+missed target. llama-bench comes from PATH or ./bin/llama-bench
+(``scripts/build_llama_bench.sh`` builds it from the llama.cpp that llama-cpp-python vendors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DECODE_DEPTH = 16  # edgert's decode prompt; llama-bench's -d
+
+
+def find_llama_bench(explicit: str | None) -> str | None:
+    """``--llama-bench``, else ``llama-bench`` on PATH, else ./bin/llama-bench."""
+    if explicit:
+        return explicit
+    found = shutil.which("llama-bench")
+    if found:
+        return found
+    local = REPO_ROOT / "bin" / "llama-bench"
+    return str(local) if local.exists() and os.access(local, os.X_OK) else None
+
+
+def find_edgert(explicit: str | None = None) -> str:
+    """``--edgert``, else the ``edgert`` beside this Python (the venv's), else the one on PATH."""
+    if explicit:
+        return explicit
+    beside = Path(sys.executable).with_name("edgert")
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("edgert")
+    if found is None:
+        sys.exit("bench_vs_llama_bench.py: no `edgert` beside this Python or on PATH; install the package")
+    return found
+
+
+def physical_cores() -> int:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+def run_edgert(model: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One ``edgert bench --json FILE`` run; the result's only entry."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bench.json"
+        command = [find_edgert(args.edgert), "bench", model, "--threads", str(args.threads),
+                   "--prompt-tokens", f"{DECODE_DEPTH},{args.pp}", "--gen-tokens", str(args.tg),
+                   "--reps", str(args.reps), "--warmup", "1", "--json", str(out)]
+        proc = subprocess.run(command, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"edgert bench exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+        return json.loads(out.read_text())["results"][0]
+
+
+def run_llama_bench(binary: str, model: str, settings: dict[str, Any], args: argparse.Namespace,
+                    pp: int, tg: int, depth: int) -> tuple[float, float]:
+    """(mean tok/s, stddev) of one llama-bench test with edgert's settings."""
+    command = [binary, "-m", model, "-t", str(args.threads), "-p", str(pp), "-n", str(tg), "-d", str(depth),
+               "-b", str(settings["n_batch"]), "-ub", str(settings["n_ubatch"]),
+               "-fa", "on" if settings.get("flash_attn", True) else "off",
+               "-ctk", settings.get("type_k", "f16"), "-ctv", settings.get("type_v", "f16"),
+               "-ngl", str(settings.get("n_gpu_layers", 0)), "-r", str(args.reps), "-o", "json"]
+    proc = subprocess.run(command, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"llama-bench exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    tests = json.loads(proc.stdout)
+    if not tests:
+        raise RuntimeError(f"llama-bench printed no result:\n{proc.stdout[-2000:]}")
+    return float(tests[0]["avg_ts"]), float(tests[0]["stddev_ts"])
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2", help="GGUF file or model name (default: smollm2)")
+    parser.add_argument("--threads", type=int, default=physical_cores(), help="threads (default: physical cores)")
+    parser.add_argument("--reps", type=int, default=5, help="repetitions inside each tool (default 5)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of both tools (default 3)")
+    parser.add_argument("--pp", type=int, default=512, help="prompt tokens (default 512)")
+    parser.add_argument("--tg", type=int, default=128, help="generated tokens (default 128)")
+    parser.add_argument("--llama-bench", dest="llama_bench", default=None, help="llama-bench binary")
+    parser.add_argument("--edgert", default=None, help="edgert executable (default: the venv's)")
+    args = parser.parse_args()
+
+    from edge_runtime.store import resolve_model
+
+    model = str(resolve_model(args.model))
+    binary = find_llama_bench(args.llama_bench)
+    load_before = os.getloadavg()[0]
+    native_pp: list[float] = []
+    native_tg: list[float] = []
+    ours: list[dict[str, Any]] = []
+    for i in range(args.rounds):
+        print(f"round {i + 1}/{args.rounds}: edgert bench", file=sys.stderr)
+        ours.append(run_edgert(model, args))
+        if binary:
+            settings = ours[0]["settings"]
+            print(f"round {i + 1}/{args.rounds}: llama-bench pp{args.pp}, tg{args.tg} @ depth {DECODE_DEPTH}",
+                  file=sys.stderr)
+            native_pp.append(run_llama_bench(binary, model, settings, args, args.pp, 0, 0)[0])
+            native_tg.append(run_llama_bench(binary, model, settings, args, 0, args.tg, DECODE_DEPTH)[0])
+    load_after = os.getloadavg()[0]
+
+    settings = ours[0]["settings"]
+    print(f"edgert bench vs llama-bench · {Path(model).name} · {args.threads} threads · batch "
+          f"{settings['n_batch']}/{settings['n_ubatch']} · flash attention on · KV {settings['type_k']} · "
+          f"{args.reps} reps × {args.rounds} rounds (medians of round means)")
+    print(f"load average {load_before:.2f} before, {load_after:.2f} after")
+    print()
+    our_pp = [r["prefill_tok_s"] for r in ours]
+    our_tg = [r["decode_tok_s"] for r in ours]
+    print(f"{'test':<22}{'llama-bench tok/s':>19}{'edgert tok/s':>15}{'edgert/llama':>14}"
+          "   rounds (edgert | llama-bench)")
+    tests = ((f"pp{args.pp}", native_pp, our_pp), (f"tg{args.tg} @ d{DECODE_DEPTH}", native_tg, our_tg))
+    for name, theirs, mine in tests:
+        ratio = median(mine) / median(theirs) if theirs else float("nan")
+        print(f"{name:<22}{median(theirs) if theirs else float('nan'):>19.1f}{median(mine):>15.1f}{ratio:>14.3f}   "
+              f"{' '.join(f'{x:.1f}' for x in mine)} | {' '.join(f'{x:.1f}' for x in theirs) or 'n/a'}")
+    print()
+    if binary:
+        ratio = median(our_tg) / median(native_tg)
+        verdict = "meets target" if ratio >= 0.95 else "BELOW target"
+        print(f"tg: edgert / llama-bench = {ratio:.3f} (target >= 0.95: {verdict}); "
+              f"per-token overhead {1000 / median(our_tg) - 1000 / median(native_tg):+.3f} ms")
+        print(f"pp: edgert / llama-bench = {median(our_pp) / median(native_pp):.3f}")
+        print(f"llama-bench: {binary}")
+    else:
+        print("llama-bench: not found on PATH or in ./bin (build it with scripts/build_llama_bench.sh)")
+    last = ours[-1]
+    roof = last.get("roofline") or {}
+    energy = last.get("energy") or {}
+    temp = last.get("temperature_c") or {}
+    print()
+    print("only edgert bench reports (last round):")
+    print("  TTFT ms        " + ", ".join(f"{n} tokens {ms:.1f}" for n, ms in last["ttft_ms"].items()))
+    print(f"  load           {last['load_s']:.2f} s · peak RSS {last['peak_rss_bytes'] / 2**20:.0f} MiB "
+          f"(plan estimate {(last.get('estimated_memory_bytes') or 0) / 2**20:.0f} MiB)")
+    if roof:
+        print(f"  roofline       {roof['bandwidth_bytes_s'] / 1e9:.1f} GB/s ÷ "
+              f"{roof['bytes_per_token'] / 2**20:.1f} MiB per token = {roof['ceiling_tok_s']:.0f} tok/s ceiling · "
+              f"efficiency {roof['efficiency']:.0%}")
+    print(f"  energy         {energy.get('decode_j_per_token') if energy.get('available') else energy.get('note')}")
+    print(f"  CPU °C         {temp.get('before')} → {temp.get('after')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
