@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Build llama.cpp's `llama-bench` from the very sources the installed llama-cpp-python was built
+# from (the llama.cpp copy vendored in that version's sdist), so native figures compare like with
+# like. The result is ./bin/llama-bench, with the version it came from in ./bin/llama-bench.version.
+#
+# Usage: scripts/build_llama_bench.sh [--force]
+#   PYTHON=/path/to/python   interpreter whose llama-cpp-python version is matched
+#                            (default: .venv/bin/python, else python3)
+#   EXTRA_CMAKE_ARGS="..."   appended to the cmake configure line (e.g. -DGGML_OPENMP=OFF)
+#
+# The build mirrors llama-cpp-python's default CPU build: Release, GGML_NATIVE (the compiler's
+# -march=native), OpenMP, no GPU backend. It links llama.cpp statically so the one binary can be
+# copied and run on its own. Re-running is cheap: an up-to-date binary is left alone.
+set -euo pipefail
+
+log() { printf 'build_llama_bench: %s\n' "$*" >&2; }
+die() { printf 'build_llama_bench: error: %s\n' "$*" >&2; exit 1; }
+
+force=0
+case "${1:-}" in
+    "") ;;
+    --force) force=1 ;;
+    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) die "unknown argument '$1' (only --force is accepted)" ;;
+esac
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo_root"
+
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+command -v "$PYTHON" >/dev/null 2>&1 || die "no Python interpreter '$PYTHON' (set PYTHON=...)"
+for tool in cmake tar; do
+    command -v "$tool" >/dev/null 2>&1 || die "'$tool' is not installed; install it and re-run"
+done
+command -v c++ >/dev/null 2>&1 || command -v g++ >/dev/null 2>&1 || command -v clang++ >/dev/null 2>&1 \
+    || die "no C++ compiler found (install g++ or clang)"
+
+version="$("$PYTHON" -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))' 2>/dev/null)" \
+    || die "llama-cpp-python is not installed for $PYTHON (set PYTHON=... to the right venv)"
+stamp_text="llama-cpp-python==$version"
+
+bin_dir="$repo_root/bin"
+target="$bin_dir/llama-bench"
+stamp="$bin_dir/llama-bench.version"
+if [[ $force -eq 0 && -x "$target" && -f "$stamp" && "$(cat "$stamp")" == "$stamp_text" ]]; then
+    log "bin/llama-bench is already built for $stamp_text; nothing to do (--force rebuilds)"
+    exit 0
+fi
+
+work="$repo_root/build/llama-bench/$version"
+src="$work/src"
+build="$work/build"
+mkdir -p "$work"
+
+if [[ ! -f "$src/vendor/llama.cpp/CMakeLists.txt" ]]; then
+    log "downloading the llama-cpp-python $version sdist"
+    dl="$work/download"
+    rm -rf "$dl"
+    mkdir -p "$dl"
+    "$PYTHON" -m pip download --quiet --no-binary :all: --no-deps \
+        --dest "$dl" "llama-cpp-python==$version" \
+        || die "pip could not download the llama-cpp-python==$version sdist (network or index?)"
+    archive="$(find "$dl" -maxdepth 1 -name '*.tar.gz' | head -n 1)"
+    [[ -n "$archive" ]] || die "pip downloaded no .tar.gz sdist into $dl"
+    log "unpacking $(basename "$archive")"
+    unpacked="$work/unpack.tmp"
+    rm -rf "$unpacked"
+    mkdir -p "$unpacked"
+    tar -xzf "$archive" -C "$unpacked"
+    top="$(find "$unpacked" -mindepth 1 -maxdepth 1 -type d | head -n 1)"
+    [[ -f "$top/vendor/llama.cpp/CMakeLists.txt" ]] \
+        || die "the sdist holds no vendor/llama.cpp sources; cannot build llama-bench from it"
+    rm -rf "$src"
+    mv "$top" "$src"
+    rm -rf "$unpacked" "$dl"
+fi
+
+jobs="$(nproc 2>/dev/null || echo 2)"
+generator=()
+command -v ninja >/dev/null 2>&1 && generator=(-G Ninja)
+
+log "configuring llama.cpp (Release, native CPU, OpenMP, static, no GPU) in ${build#"$repo_root"/}"
+# shellcheck disable=SC2086  # EXTRA_CMAKE_ARGS is a list of words on purpose
+cmake -S "$src/vendor/llama.cpp" -B "$build" "${generator[@]}" \
+    -DCMAKE_BUILD_TYPE=Release \
+    -DBUILD_SHARED_LIBS=OFF \
+    -DGGML_NATIVE=ON \
+    -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_HIP=OFF -DGGML_SYCL=OFF \
+    -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+    -DLLAMA_BUILD_COMMON=ON -DLLAMA_BUILD_TOOLS=ON \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+    -DLLAMA_BUILD_APP=OFF \
+    ${EXTRA_CMAKE_ARGS:-} >"$work/configure.log" 2>&1 \
+    || { tail -n 30 "$work/configure.log" >&2; die "cmake configure failed (full log: $work/configure.log)"; }
+
+log "building target llama-bench with $jobs jobs (several minutes on a small machine)"
+cmake --build "$build" --config Release --target llama-bench -j "$jobs" >"$work/build.log" 2>&1 \
+    || { tail -n 40 "$work/build.log" >&2; die "build failed (full log: $work/build.log)"; }
+
+built="$(find "$build" -type f -name llama-bench -perm -u+x | head -n 1)"
+[[ -n "$built" ]] || die "the build finished but no llama-bench binary was found under $build"
+"$built" --help >/dev/null 2>&1 || die "the built $built does not run (try: $built --help)"
+
+# Temporary names in the same folder, then rename: a reader never sees half a binary or a stamp
+# that names a version the binary is not.
+mkdir -p "$bin_dir"
+rm -f "$stamp"
+cp "$built" "$target.tmp.$$"
+chmod 0755 "$target.tmp.$$"
+printf '%s\n' "$stamp_text" >"$stamp.tmp.$$"
+mv -f "$target.tmp.$$" "$target"
+mv -f "$stamp.tmp.$$" "$stamp"
+log "built bin/llama-bench from $stamp_text"
