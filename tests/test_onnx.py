@@ -398,7 +398,6 @@ def test_cli_run_and_piped_chat_on_onnx(edgert_cmd, convert_output, fp32):
     assert "Traceback" not in res.stderr
 
 
-@pytest.mark.xfail(reason="store.find_artifacts does not accept a bare ONNX folder yet", strict=False)
 def test_cli_run_on_a_bare_onnx_folder(edgert_cmd, fp32_dir):
     res = edgert(edgert_cmd, "run", PROMPT, "--model", str(fp32_dir), "--temp", "0", "--max-tokens", "4")
     assert res.returncode == 0, res.stderr
