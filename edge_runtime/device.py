@@ -13,7 +13,6 @@ sysctl or backend probes), so the result depends on the fixture files alone.
 from __future__ import annotations
 
 import os
-import platform
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path

@@ -109,7 +109,6 @@ def test_a_second_run_reuses_every_file(two_profile_build):
 
 def test_the_convert_cli_prints_the_summary_table(two_profile_build):
     from edge_runtime.cli import cli
-    from edge_runtime.cli_convert import convert
 
     request, result, _ = two_profile_build
     # GGUF only: the other formats have their own build test (test_build_formats.py).
