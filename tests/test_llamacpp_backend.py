@@ -170,3 +170,13 @@ def test_model_info_comes_from_the_file(smollm2):
     assert info.n_ctx_train == 8192 and info.n_ctx == 2048
     assert info.chat_template and "<|im_start|>" in info.chat_template
     assert info.eos_token == "<|im_end|>"
+
+
+def test_use_mmap_off_reaches_llama_cpp(smollm2_path):
+    import llama_cpp
+
+    fields = {name for name, _ in llama_cpp.llama_model_default_params()._fields_}
+    assert "load_mode" in fields  # the field the backend sets for use_mmap
+    with LlamaCppModel(str(smollm2_path), Settings(n_ctx=256, n_threads=2, use_mmap=False)) as model:
+        tokens, _, last = run(model, model.tokenize("Hello", add_bos=model.info.add_bos))
+        assert tokens and last.finish_reason in ("stop", "length")

@@ -74,7 +74,9 @@ class NativeModel:
         ensure_initialized()
         params = _c.llama_model_default_params()
         params.n_gpu_layers = settings.n_gpu_layers
-        params.use_mmap = settings.use_mmap
+        # 0.3.x replaced the use_mmap field with load_mode; ctypes would accept a stray
+        # attribute silently, so set the field llama.cpp actually reads.
+        params.load_mode = _c.LLAMA_LOAD_MODE_MMAP if settings.use_mmap else _c.LLAMA_LOAD_MODE_NONE
         take_recent_errors()
         ptr = _c.llama_model_load_from_file(path.encode(), params)
         if not ptr:
