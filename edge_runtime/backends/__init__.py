@@ -26,6 +26,11 @@ class BackendSpec:
     # header estimate cannot read; None for GGUF (the planner reads the header itself).
     estimator: str | None = None
 
+    @property
+    def install_hint(self) -> str | None:
+        """The pip command that installs this backend's runtime."""
+        return f'pip install "edge-runtime[{self.extra}]"' if self.extra else None
+
 
 BACKENDS: tuple[BackendSpec, ...] = (
     BackendSpec(
@@ -75,13 +80,7 @@ def probe(name: str) -> Availability:
     try:
         return resolve(spec.probe)()  # type: ignore[operator]
     except ImportError as exc:
-        hint = f'pip install "edge-runtime[{spec.extra}]"' if spec.extra else None
-        return Availability(name=name, available=False, reason=str(exc), install_hint=hint)
-
-
-def probe_all() -> list[Availability]:
-    """Availability of every registered backend, in registry order."""
-    return [probe(spec.name) for spec in BACKENDS]
+        return Availability(name=name, available=False, reason=str(exc), install_hint=spec.install_hint)
 
 
 def load_backend(name: str) -> type[Backend]:
@@ -90,5 +89,4 @@ def load_backend(name: str) -> type[Backend]:
     try:
         return resolve(spec.loader)  # type: ignore[return-value]
     except ImportError as exc:
-        hint = f'pip install "edge-runtime[{spec.extra}]"' if spec.extra else None
-        raise BackendUnavailableError(f"the {name} backend cannot be imported: {exc}", hint) from exc
+        raise BackendUnavailableError(f"the {name} backend cannot be imported: {exc}", spec.install_hint) from exc

@@ -66,10 +66,6 @@ class Slot:
         self.seq = seq
         self._current: _Request | None = None
 
-    @property
-    def cached_tokens(self) -> list[int]:
-        return self.seq.prefix.tokens
-
     def generate(
         self, tokens: Sequence[int], params: SamplingParams, *, cancel: CancelToken | None = None
     ) -> Iterator[TokenEvent]:
@@ -171,10 +167,6 @@ class BatchScheduler:
             self._stopped = True
             self._cond.notify()
         self._thread.join()
-
-    @property
-    def n_active(self) -> int:
-        return len(self._active)
 
     # -- the loop (scheduler thread only) --------------------------------------------------
 
