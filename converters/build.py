@@ -27,7 +27,7 @@ from typing import Any
 from edge_runtime.errors import InvalidConfigError, ModelNotFoundError
 from edge_runtime.manifest import Manifest, ManifestArtifact
 
-from .build_formats import FormatOptions, OtherFormats, plan_other_rungs, split_quants
+from .build_formats import FormatOptions, OtherFormats, plan_other_rungs, scoring_positions, split_quants
 from .build_steps import (
     BuildEvent,
     OutputFolder,
@@ -180,9 +180,12 @@ def build(request: BuildRequest, *, on_event: OnEvent | None = None) -> BuildRes
     rungs, warnings = ([], [])
     if "gguf" in formats:
         rungs, warnings = plan_rungs(request.profiles, by_format["gguf"] if by_format else None, request.outtype)
-    others = plan_other_rungs(formats, request.profiles, by_format, request.outtype, RUNGS_PER_PROFILE)
+    # Quality needs a reference: the GGUF base, else the first other format's base.
+    reference_format = next((f for f in formats if f != "gguf"), None) if "gguf" not in formats else None
+    others = plan_other_rungs(formats, request.profiles, by_format, request.outtype, RUNGS_PER_PROFILE,
+                              reference_format=reference_format if request.evaluate else None)
     warnings += others.warnings
-    text_sha = read_text(request.text)[1] if request.evaluate and request.text and "gguf" in formats else None
+    text_sha = read_text(request.text)[1] if request.evaluate and request.text else None
     src, model = resolve_source(request.source)
     folder = Path(request.out) if request.out else default_out(model)
     with OutputFolder(folder) as out:
@@ -201,20 +204,16 @@ def build(request: BuildRequest, *, on_event: OnEvent | None = None) -> BuildRes
             base = state.make_base(src, request.outtype, base_profiles, emit)
             for rung in (r for r in rungs if r.qtype != base_type):
                 state.make_quant(base, rung, request.threads, emit)
-        n_gguf = len(state.entries)
         builder = OtherFormats(model, folder, src, source, previous, request.format_options, request.threads, emit)
         for fmt, types in others.by_format.items():
             for qtype, profiles in types.items():
                 role = "base" if qtype in ("f32", "fp32", "fp16") else "quantized"
                 entry, reused = builder.make(fmt, qtype, tuple(profiles), role)
                 state._add(entry, reused)
-        if base is not None and request.evaluate:
-            key = {"text_sha256": text_sha, "n_ctx": request.n_ctx, "n_chunks": request.n_chunks,
-                   "base_sha256": base.sha256}
-            state.evaluation = {"text": str(request.text) if request.text else None, **key,
-                                "method": "llama-perplexity windows (second half scored); KLD and top-1 vs the base"}
-            gguf = evaluate_artifacts(state.entries[:n_gguf], previous, key, request, folder, emit)
-            state.entries = gguf + state.entries[n_gguf:]
+        reference = base or next((e for e in state.entries if e.role == "base"), None)
+        if reference is not None and request.evaluate:
+            state.entries, state.evaluation = _evaluate(state.entries, reference, previous, text_sha, request, folder,
+                                                        warnings, emit)
         if base is not None:
             state.reference = reference_continuations(folder / base.file, base.sha256, previous, request.threads, emit)
         manifest = state.save(complete=True)
@@ -233,6 +232,29 @@ def build(request: BuildRequest, *, on_event: OnEvent | None = None) -> BuildRes
     if stray:
         warnings.append(f"left in {folder} but not part of this build: {', '.join(stray)}")
     return BuildResult(folder, manifest, tuple(state.reused), tuple(state.built), tuple(warnings), stored)
+
+
+def _evaluate(entries: list[ManifestArtifact], reference: ManifestArtifact, previous: Manifest | None,
+              text_sha: str | None, request: BuildRequest, folder: Path, warnings: list[str],
+              emit: OnEvent) -> tuple[list[ManifestArtifact], dict[str, Any]]:
+    """Every artifact's quality against ``reference``, on windows every format of the build can hold."""
+    n_ctx = request.n_ctx
+    for e in entries:
+        fits = scoring_positions(folder / e.file)
+        if fits is not None and fits < n_ctx:
+            warnings.append(f"quality measured on {fits}-token windows, not {n_ctx}: {e.file} holds {fits} positions")
+            n_ctx = fits
+    if n_ctx != request.n_ctx:
+        from dataclasses import replace
+
+        request = replace(request, n_ctx=n_ctx)
+    key = {"text_sha256": text_sha, "n_ctx": n_ctx, "n_chunks": request.n_chunks, "base_sha256": reference.sha256}
+    evaluated = evaluate_artifacts([reference] + [e for e in entries if e is not reference], previous, key, request,
+                                   folder, emit)
+    by_file = {e.file: e for e in evaluated}
+    return [by_file[e.file] for e in entries], {
+        "text": str(request.text) if request.text else None, **key,
+        "method": f"llama-perplexity windows (second half scored); KLD and top-1 vs {reference.file}"}
 
 
 class _State:

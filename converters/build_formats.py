@@ -112,8 +112,9 @@ def base_type(fmt: str, outtype: str) -> str | None:
 
 
 def plan_other_rungs(formats: tuple[str, ...], profile_ids: tuple[str, ...], quants: dict[str, tuple[str, ...]] | None,
-                     outtype: str, per_profile: int) -> FormatRungs:
-    """TFLite/ONNX types to build. The base is built with ``--outtype f32`` or when nothing else is."""
+                     outtype: str, per_profile: int, *, reference_format: str | None = None) -> FormatRungs:
+    """TFLite/ONNX types to build. The base is built with ``--outtype f32``, when nothing else is,
+    and in ``reference_format``: the build's quality reference when it makes no GGUF."""
     from edge_runtime.profiles import get_profile, load_profiles
 
     found = load_profiles()
@@ -139,7 +140,7 @@ def plan_other_rungs(formats: tuple[str, ...], profile_ids: tuple[str, ...], qua
                     chosen.setdefault(t, []).append(p.id)
                     picked += 1
         base = base_type(fmt, outtype)
-        if base and (outtype == "f32" or not chosen):
+        if base and (outtype == "f32" or not chosen or fmt == reference_format):
             chosen.setdefault(base, [])
         order = {"f32": 0, "fp32": 0, "fp16": 1, "int8": 2, "int8-wo": 3, "int4": 4}
         plan.by_format[fmt] = {t: chosen[t] for t in sorted(chosen, key=lambda t: order.get(t, 9))}
@@ -261,3 +262,16 @@ def _default_kv(src: Path) -> int:
     from .tflite_config import read_decoder_spec
 
     return min(DEFAULT_KV_LEN, read_decoder_spec(src).max_position_embeddings)
+
+
+def scoring_positions(path: Path) -> int | None:
+    """The longest window quality can be scored on in this artifact; None when only the request limits it."""
+    if path.is_dir():
+        from edge_runtime.backends.onnx import read_onnx_folder
+
+        return read_onnx_folder(path).max_length - 1  # genai keeps one position for the next token
+    if path.suffix == ".tflite":
+        from edge_runtime.backends.tflite_signatures import read_tflite_layout
+
+        return read_tflite_layout(path).kv_len
+    return None

@@ -1,12 +1,15 @@
 """Quality of an artifact: perplexity over a text, KL divergence and top-1 agreement vs a reference.
 
-Everything is computed through llama.cpp, on the same native layer the runtime uses, so the
-numbers describe what users run. Perplexity follows llama.cpp's ``llama-perplexity`` exactly
-(tools/perplexity/perplexity.cpp): the whole text is tokenized once (special tokens added, one
-trailing newline dropped as its ``-f`` does), cut into ``n_ctx``-token windows, the first token of
-each window replaced by BOS when the model adds one, and only the second half of each window
-scored (predictions from position ``n_ctx/2`` to ``n_ctx-2``); the mean negative log-likelihood
-over every scored token of every window, exponentiated. KL divergence (``KL(P_ref || P_cand)``)
+Everything is computed through the runtime's own backends (llama.cpp for GGUF, LiteRT for
+.tflite, onnxruntime-genai for an ONNX folder; see ``scorers.py``), so the numbers describe what
+users run, and artifacts of one model compare across formats on the same token ids.
+
+Perplexity follows llama.cpp's ``llama-perplexity`` exactly (tools/perplexity/perplexity.cpp):
+the whole text is tokenized once (special tokens added, one trailing newline dropped as its
+``-f`` does), cut into ``n_ctx``-token windows, the first token of each window replaced by BOS
+when the model adds one, and only the second half of each window scored (predictions from
+position ``n_ctx/2`` to ``n_ctx-2``); the mean negative log-likelihood over every scored token of
+every window, exponentiated. KL divergence (``KL(P_ref || P_cand)``)
 and top-1 agreement use the same windows and positions, on the reference's tokens.
 
 Without a text, the reference writes its own: it continues a fixed set of prompts (sampled with a
@@ -26,7 +29,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.errors import EdgeRuntimeError, GenerationError, InvalidConfigError
+from edge_runtime.errors import EdgeRuntimeError, InvalidConfigError
+
+from .scorers import RowQueue, Scorer, Window, open_scorer
 
 DEFAULT_CTX = 512  # llama-perplexity's default, so numbers compare with published ones
 # Prompts the reference continues when no text is given: prose, dialogue, code, lists, facts.
@@ -42,8 +47,6 @@ GENERATED_TOKENS = 128  # per prompt (fewer when the context is smaller)
 GENERATION_SEED = 1234
 # Rows of logits converted to float64 at once: 64 x 49k vocab x 8 bytes = 25 MB.
 _ROWS_PER_BLOCK = 64
-# Most floats one decode batch may return (its logits are copied once): 128 MiB of float32.
-_MAX_BATCH_FLOATS = 32 << 20
 
 Progress = Callable[[int, int], None]  # (windows done, windows in all)
 
@@ -72,14 +75,6 @@ class QualityReport:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-@dataclass(frozen=True)
-class Window:
-    """Tokens decoded together from position 0; logits at ``first..len-2`` are scored."""
-
-    tokens: tuple[int, ...]
-    first: int
-
-
 class _Tally:
     """Running sums for one candidate (and the reference's NLL on the same positions)."""
 
@@ -89,87 +84,6 @@ class _Tally:
         self.kld = 0.0
         self.same_top = 0
         self.count = 0
-
-
-class _Scorer:
-    """One GGUF loaded in llama.cpp with a context that returns logits for chosen positions.
-
-    The model is loaded by the runtime's native layer (same checks, same log routing); the
-    context is our own because it must return many logit rows per decode: llama.cpp's default
-    context keeps one output per sequence (``n_outputs_max_per_seq = 1``).
-    """
-
-    def __init__(self, path: str | Path, n_ctx: int, threads: int | None) -> None:
-        import llama_cpp as c
-
-        from edge_runtime.backends import _llama_native as native
-        from edge_runtime.backends.base import Settings
-        from edge_runtime.backends.llamacpp import default_threads
-        from edge_runtime.errors import ModelLoadError
-        from edge_runtime.gguf_file import read_gguf_header
-
-        read_gguf_header(path)  # our bounds-checked read first: llama.cpp aborts on some bad files
-        self.path = str(path)
-        self.model = native.NativeModel(self.path, Settings(n_ctx=n_ctx))
-        self.n_vocab = native.vocab_size(self.model.vocab)
-        self.add_bos = native.vocab_add_bos(self.model.vocab)
-        self.bos = native.special_tokens(self.model.vocab)[0]
-        self.n_batch = min(n_ctx, 512, max(32, _MAX_BATCH_FLOATS // max(1, self.n_vocab)))
-        params = c.llama_context_default_params()
-        params.n_ctx = n_ctx
-        params.n_batch = params.n_ubatch = params.n_outputs_max = self.n_batch
-        params.n_outputs_max_per_seq = 0  # = n_outputs_max: every scored position in a batch
-        params.n_seq_max = 1
-        params.n_threads = params.n_threads_batch = threads or default_threads()
-        params.flash_attn_type = c.LLAMA_FLASH_ATTN_TYPE_AUTO  # as llama-perplexity decides it
-        params.no_perf = True
-        native.take_recent_errors()
-        self.ctx = c.llama_init_from_model(self.model.ptr, params)
-        if not self.ctx:
-            why = native.take_recent_errors() or "llama.cpp could not create a context"
-            self.model.close()
-            raise ModelLoadError(f"{self.path}: {why}", "try a smaller --ctx")
-        self.memory = c.llama_get_memory(self.ctx)
-        self.batch = c.llama_batch_init(self.n_batch, 0, 1)
-
-    def tokenize(self, text: str) -> list[int]:
-        """Tokens as llama-perplexity's ``common_tokenize(ctx, text, true)`` makes them."""
-        return self.model.tokenize(text, add_special=True, parse_special=False)
-
-    def logit_batches(self, window: Window) -> Iterator[tuple[list[int], Any]]:
-        """For each decode batch: the target tokens and a float32 copy of their logit rows."""
-        import llama_cpp as c
-        import numpy as np
-
-        tokens, last = window.tokens, len(window.tokens) - 2
-        c.llama_memory_clear(self.memory, True)
-        batch = self.batch
-        for start in range(0, len(tokens), self.n_batch):
-            end = min(start + self.n_batch, len(tokens))
-            scored = []
-            for i, p in enumerate(range(start, end)):
-                batch.token[i], batch.pos[i], batch.n_seq_id[i] = tokens[p], p, 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = want = window.first <= p <= last
-                if want:
-                    scored.append(p)
-            batch.n_tokens = end - start
-            rc = c.llama_decode(self.ctx, batch)
-            if rc != 0:
-                raise GenerationError(f"llama.cpp could not evaluate {end - start} tokens (code {rc})")
-            if not scored:
-                continue
-            rows = np.ctypeslib.as_array(c.llama_get_logits(self.ctx), shape=(len(scored), self.n_vocab))
-            yield [tokens[p + 1] for p in scored], rows.copy()  # the next decode overwrites it
-
-    def close(self) -> None:
-        import llama_cpp as c
-
-        if self.ctx:
-            c.llama_batch_free(self.batch)
-            c.llama_free(self.ctx)
-            self.ctx = None
-        self.model.close()
 
 
 def log_softmax(rows: Any) -> Any:
@@ -237,12 +151,12 @@ def text_windows(tokens: Sequence[int], n_ctx: int, n_chunks: int | None, bos: i
 
 def generated_windows(reference: str | Path, n_ctx: int, threads: int | None) -> tuple[list[Window], str]:
     """Windows of text the reference writes itself from ``GENERATION_PROMPTS`` (seeded sampling)."""
+    from edge_runtime import load
     from edge_runtime.backends.base import SamplingParams, Settings
-    from edge_runtime.backends.llamacpp import LlamaCppModel
 
     digest = hashlib.sha256()
     windows = []
-    with LlamaCppModel(str(reference), Settings(n_ctx=n_ctx, n_threads=threads)) as model:
+    with load(str(reference), Settings(n_ctx=n_ctx, n_threads=threads)) as model:
         for prompt in GENERATION_PROMPTS:
             prompt_tokens = model.tokenize(prompt, add_bos=model.info.add_bos)
             budget = min(GENERATED_TOKENS, n_ctx - len(prompt_tokens) - 1)
@@ -290,10 +204,10 @@ def compare(
         body, text_sha = read_text(text)  # before any model loads: a bad path fails at once
     else:
         windows, text_sha = generated_windows(reference, n_ctx, threads)  # type: ignore[arg-type]
-    scorers: list[_Scorer] = []
+    scorers: list[Scorer] = []
     try:
         for path in ([reference] if reference is not None else []) + list(candidates):
-            scorers.append(_Scorer(path, n_ctx, threads))
+            scorers.append(open_scorer(path, n_ctx, threads))
         ref = scorers[0] if reference is not None else None
         cands = scorers[1:] if ref is not None else scorers
         lead = scorers[0]
@@ -315,20 +229,20 @@ def compare(
             s.close()
 
 
-def _score_window(window: Window, ref: _Scorer | None, cands: list[_Scorer], tallies: list[_Tally]) -> None:
+def _score_window(window: Window, ref: Scorer | None, cands: list[Scorer], tallies: list[_Tally]) -> None:
     if ref is None:
         for scorer, tally in zip(cands, tallies):
             for targets, rows in scorer.logit_batches(window):
                 _accumulate(tally, targets, rows, None)
         return
-    # Batches line up (same n_ctx, same batch size), so each reference batch is held only while
-    # every candidate decodes the same positions.
-    streams = [s.logit_batches(window) for s in cands]
+    # Each reference batch is held only while every candidate yields the same positions (their
+    # own batches may be cut differently: a queue per candidate lines the rows up).
+    queues = [RowQueue(s.logit_batches(window)) for s in cands]
     for targets, ref_rows in ref.logit_batches(window):
-        for stream, tally in zip(streams, tallies):
-            cand_targets, cand_rows = next(stream)
+        for queue, tally in zip(queues, tallies):
+            cand_targets, cand_rows = queue.take(len(targets))
             if cand_targets != targets:
-                raise EdgeRuntimeError("internal error: reference and candidate batches differ")
+                raise EdgeRuntimeError("internal error: reference and candidate positions differ")
             _accumulate(tally, targets, cand_rows, ref_rows)
 
 

@@ -160,7 +160,7 @@ def convert(src: str | None, formats: str | None, tflite_kv_len: int | None, tfl
         click.echo(f"warning: {warning}", err=True)
     if as_json:
         _json({**result.manifest.to_dict(), "folder": str(result.folder), "stored_as": result.stored_as,
-               "built": list(result.built), "reused": list(result.reused)})
+               "built": list(result.built), "reused": list(result.reused), "warnings": list(result.warnings)})
         return
     click.echo(format_summary(result))
 
@@ -169,35 +169,32 @@ def format_summary(result: Any) -> str:
     """The table ``edgert convert`` prints: artifact, size, ppl, Δppl, KLD, top-1, profiles."""
     rows = [("artifact", "size", "ppl", "Δppl", "KLD", "top-1", "profiles")]
     notes = []
-    unmeasured: list[str] = []
-    for a in result.manifest.artifacts:
+    manifest = result.manifest
+    ref_sha = (manifest.evaluation or {}).get("base_sha256")
+    for a in manifest.artifacts:
         q = a.quality or {}
-        label = f"{(a.quant or '?').lower()} (reference)" if a.role == "base" else str(a.quant)
+        is_ref = a.sha256 == ref_sha if ref_sha else a.role == "base" and a.format == "gguf"
+        label = f"{(a.quant or '?').lower()} (reference)" if is_ref else str(a.quant)
         if a.format != "gguf":
-            label = f"{a.format} {a.quant}"
-            unmeasured.append(a.format)
+            label = f"{a.format} {label}"
         if a.fallbacks:
             label += "*"
             more = ", ..." if len(a.fallbacks) > 1 else ""
             n = len(a.fallbacks)
             notes.append(f"* {a.quant}: {n} tensor{'s' if n > 1 else ''} fell back to another type "
                          f"({a.fallbacks[0]}{more})")
-        base = a.role == "base" or a.format != "gguf"
         rows.append((
             label, f"{a.size_bytes / MB:.0f} MB",
             _num(q.get("ppl"), "{:.2f}"),
-            "—" if base else _num(q.get("delta_ppl_pct"), "{:+.1f}%"),
-            "—" if base else _num(q.get("kld_mean"), "{:.4f}"),
-            "—" if base else _num(None if q.get("top1_agreement") is None else 100 * q["top1_agreement"], "{:.1f}%"),
+            "—" if is_ref else _num(q.get("delta_ppl_pct"), "{:+.1f}%"),
+            "—" if is_ref else _num(q.get("kld_mean"), "{:.4f}"),
+            "—" if is_ref else _num(None if q.get("top1_agreement") is None else 100 * q["top1_agreement"], "{:.1f}%"),
             ", ".join(a.profiles),
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(c.rjust(w) if i == 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
              + "  " + r[-1] for r in rows]
     lines = [line.rstrip() for line in lines] + notes
-    if unmeasured:
-        lines.append(f"—: quality not measured for {', '.join(dict.fromkeys(unmeasured))} "
-                     "(the evaluation runs on llama.cpp only)")
     evaluation = result.manifest.evaluation
     compared = any(a.quality and a.quality.get("kld_mean") is not None for a in result.manifest.artifacts)
     if evaluation and not evaluation.get("text") and compared:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from conftest import SHAKESPEARE
 from edge_runtime.manifest import read_manifest, verify_manifest
 
 MISSING = [m for m in ("litert_torch", "ai_edge_litert", "onnxruntime_genai", "onnx")
@@ -18,51 +19,79 @@ if MISSING:
     pytest.skip(f"{', '.join(MISSING)} not installed: pip install \"edge-runtime[tflite,onnx,convert]\"",
                 allow_module_level=True)
 
-ARGS = ["--format", "gguf,tflite,onnx", "--quant", "Q8_0,int8", "--no-eval", "--no-store", "--threads", "2",
-        "--tflite-kv-len", "64", "--tflite-prefill", "8,32", "--json"]
+# f32 bases in every format (the quality reference is the GGUF F32), int8 in each, evaluated.
+ARGS = ["--format", "gguf,tflite,onnx", "--outtype", "f32", "--quant", "Q8_0,int8", "--no-store", "--threads", "2",
+        "--tflite-kv-len", "64", "--tflite-prefill", "8,32", "--chunks", "4", "--json"]
 
 
-def _convert(src: Path, out: Path) -> dict:
+def _convert(src: Path, out: Path, text: Path) -> dict:
     from edge_runtime.cli import cli
     from edge_runtime.cli_convert import convert
 
     if "convert" not in cli.commands:
         cli.add_command(convert)
-    res = CliRunner().invoke(cli, ["convert", str(src), "--out", str(out), *ARGS])
+    res = CliRunner().invoke(cli, ["convert", str(src), "--out", str(out), "--text", str(text), *ARGS])
     assert res.exit_code == 0, res.output
     return json.loads(res.stdout)
 
 
 @pytest.fixture(scope="module")
-def three_formats(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def text_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "shakespeare-slice.txt"
+    path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def three_formats(tiny_llama_dir: Path, text_slice: Path, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("formats") / "tiny"
-    return out, _convert(tiny_llama_dir, out)
+    return out, _convert(tiny_llama_dir, out, text_slice), text_slice
 
 
 def test_one_build_writes_all_three_formats(three_formats):
-    out, doc = three_formats
+    out, doc, _ = three_formats
     got = {(a["format"], a["quant"]) for a in doc["artifacts"]}
-    assert {("gguf", "F16"), ("gguf", "Q8_0"), ("tflite", "int8"), ("onnx", "int8")} <= got
-    assert len(got) == 4
+    assert got == {("gguf", "F32"), ("gguf", "Q8_0"), ("tflite", "f32"), ("tflite", "int8"),
+                   ("onnx", "fp32"), ("onnx", "int8")}
     manifest = read_manifest(out)
     assert all(c.ok for c in verify_manifest(manifest))
-    onnx = next(a for a in manifest.artifacts if a.format == "onnx")
+    onnx = next(a for a in manifest.artifacts if a.format == "onnx" and a.quant == "int8")
     assert (out / onnx.file).is_dir() and onnx.file.endswith("-int8-onnx")
-    tfl = next(a for a in manifest.artifacts if a.format == "tflite")
+    tfl = next(a for a in manifest.artifacts if a.format == "tflite" and a.quant == "int8")
     assert tfl.file.endswith("-int8.tflite") and tfl.n_ctx_train == 64
-    assert tfl.build["recipe"] == "dynamic_int8" and tfl.quality is None
+    assert tfl.build["recipe"] == "dynamic_int8"
     assert (out / (tfl.file + ".json")).is_file() and (out / "tokenizer.json").is_file()
 
 
+def test_every_format_is_scored_against_the_gguf_reference(three_formats):
+    out, doc, _ = three_formats
+    manifest = read_manifest(out)
+    assert manifest.evaluation["base_sha256"] == manifest.find(next(
+        a.file for a in manifest.artifacts if a.format == "gguf" and a.quant == "F32")).sha256
+    # The TFLite cache holds 64 positions: every format is scored on 64-token windows, and says so.
+    assert manifest.evaluation["n_ctx"] == 64
+    assert any("64-token windows" in w for w in doc["warnings"])
+    quality = {(a.format, a.quant): a.quality for a in manifest.artifacts}
+    assert all(q and q["n_tokens"] == 4 * 31 and q["ppl"] > 1 for q in quality.values()), quality
+    # The same f32 weights through LiteRT and onnxruntime: the same distributions as llama.cpp's,
+    # on the same token ids (a misaligned row or a shifted position would be far off).
+    for key in (("tflite", "f32"), ("onnx", "fp32")):
+        assert quality[key]["kld_mean"] < 1e-4 and quality[key]["top1_agreement"] > 0.99, (key, quality[key])
+        assert abs(quality[key]["delta_ppl_pct"]) < 0.1
+    for key in (("gguf", "Q8_0"), ("tflite", "int8"), ("onnx", "int8")):
+        assert 0 < quality[key]["kld_mean"] < 0.05, (key, quality[key])
+
+
 def test_a_second_run_rebuilds_nothing(three_formats):
-    out, first = three_formats
-    again = _convert(Path(first["source"]["path"]), out)
+    out, first, text = three_formats
+    again = _convert(Path(first["source"]["path"]), out, text)
     assert again["built"] == [] and sorted(again["reused"]) == sorted(first["built"])
+    assert [a["quality"] for a in again["artifacts"]] == [a["quality"] for a in first["artifacts"]]
 
 
 @pytest.mark.parametrize("backend", [None, "tflite", "onnx"])
 def test_each_backend_runs_from_the_folder(three_formats, backend, edgert_cmd):
-    out, _ = three_formats
+    out, _, _ = three_formats
     cmd = [*edgert_cmd, "run", "Once upon a time", "--model", str(out), "--max-tokens", "4", "--temp", "0",
            "--threads", "2", "--json"]
     if backend:
@@ -75,7 +104,7 @@ def test_each_backend_runs_from_the_folder(three_formats, backend, edgert_cmd):
 def test_the_store_keeps_what_tflite_and_onnx_need(three_formats, edgert_cmd):
     from edge_runtime.store import add_model, find_artifacts, store_root
 
-    out, _ = three_formats
+    out, _, _ = three_formats
     stored = add_model(out, name="tiny-three-formats")
     folder = store_root() / "tiny-three-formats"
     tfl = next(a for a in stored.artifacts if a.format == "tflite")

@@ -97,6 +97,11 @@ class GenaiSequence:
         except RuntimeError as exc:
             raise GenerationError(f"onnxruntime-genai: {_first_line(exc)}") from None
 
+    def appended_logits(self) -> np.ndarray:
+        """The logits of every token of the last ``append``, float32, one row each."""
+        logits = np.asarray(self._generator.get_output("logits"), dtype=np.float32)
+        return logits.reshape(-1, logits.shape[-1])
+
     def last_logits(self) -> np.ndarray:
         """The logits after the last evaluated token, float32, one row."""
         logits = self._generator.get_logits()

@@ -310,6 +310,21 @@ class OnnxModel:
         with self.acquire_slot(tokens) as slot:
             yield from slot._stream(tokens, params, cancel or CancelToken())
 
+    def logit_rows(self, tokens: Sequence[int], first: int) -> Iterator[tuple[int, Any]]:
+        """Evaluate ``tokens`` from position 0 and yield (position, logit rows) from ``first`` on.
+
+        For quality measurement: every position's logits, ``PREFILL_CHUNK`` tokens at a time, in a
+        generator of its own (the slots' caches are left as they are).
+        """
+        tokens = self.check_prompt(tokens)
+        seq = native.GenaiSequence(self.og_model, self.info.n_ctx)
+        for pos in range(0, len(tokens), PREFILL_CHUNK):
+            chunk = tokens[pos:pos + PREFILL_CHUNK]
+            seq.append(chunk)
+            if pos + len(chunk) > first:
+                rows = seq.appended_logits()[max(0, first - pos):]
+                yield max(first, pos), rows
+
     @contextmanager
     def acquire_slot(self, prompt: Sequence[int] | None = None, timeout: float | None = None) -> Iterator[OnnxSlot]:
         """A free slot, preferring the one whose cache shares most with ``prompt``."""

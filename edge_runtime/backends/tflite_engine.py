@@ -1,6 +1,6 @@
 """The raw LiteRT layer of the TFLite backend: find a runtime, run one signature step.
 
-Two engines behind one call, ``run(signature, tokens, pos, width, want_logits)``:
+Two engines behind one call, ``run(signature, tokens, pos, width, rows)``:
 
 - ``CompiledEngine`` (ai-edge-litert's ``CompiledModel``, XNNPACK on the CPU): the KV cache lives
   in two sets of LiteRT tensor buffers; each step reads one set and writes the other, then they
@@ -278,9 +278,8 @@ class CompiledEngine:
                                    m.create_output_buffer_by_name(signature, LOGITS))
         return self._io[signature]
 
-    def run(self, signature: str, tokens: Sequence[int], pos: int, width: int,
-            want_logits: bool) -> np.ndarray | None:
-        """Evaluate ``tokens`` at ``pos`` through ``signature``; the last token's logits if asked."""
+    def run(self, signature: str, tokens: Sequence[int], pos: int, width: int, rows: int) -> np.ndarray | None:
+        """Evaluate ``tokens`` at ``pos`` through ``signature``; the logits of its last ``rows`` tokens."""
         ids, positions = _tokens_and_positions(tokens, pos, width)
         tok_buf, pos_buf, logit_buf = self._buffers(signature)
         tok_buf.write(ids)
@@ -291,11 +290,11 @@ class CompiledEngine:
         except RuntimeError as exc:
             raise GenerationError(f"LiteRT failed running {signature}: {str(exc).splitlines()[0]}") from None
         self._current, self._spare = self._spare, self._current
-        if not want_logits:
+        if not rows:
             return None
         n_vocab = self.layout.n_vocab
         # Rows are read from the start of the buffer: only up to the last real token.
-        return logit_buf.read(len(tokens) * n_vocab, np.float32)[-n_vocab:]
+        return logit_buf.read(len(tokens) * n_vocab, np.float32).reshape(len(tokens), n_vocab)[-rows:]
 
     def close(self) -> None:
         # The LiteRT environment logs each accelerator it tears down when the last reference goes.
@@ -330,9 +329,8 @@ class InterpreterEngine:
         }
         self._runners: dict[str, Any] = {}
 
-    def run(self, signature: str, tokens: Sequence[int], pos: int, width: int,
-            want_logits: bool) -> np.ndarray | None:
-        """Evaluate ``tokens`` at ``pos`` through ``signature``; the last token's logits if asked."""
+    def run(self, signature: str, tokens: Sequence[int], pos: int, width: int, rows: int) -> np.ndarray | None:
+        """Evaluate ``tokens`` at ``pos`` through ``signature``; the logits of its last ``rows`` tokens."""
         runner = self._runners.get(signature)
         if runner is None:
             runner = self._runners[signature] = self._interpreter.get_signature_runner(signature)
@@ -343,7 +341,7 @@ class InterpreterEngine:
             raise GenerationError(f"TFLite failed running {signature}: {str(exc).splitlines()[0]}") from None
         for name in self._kv:
             self._kv[name] = out[name]
-        return out[LOGITS][0, len(tokens) - 1] if want_logits else None
+        return out[LOGITS][0, len(tokens) - rows : len(tokens)] if rows else None
 
     def close(self) -> None:
         self._runners.clear()

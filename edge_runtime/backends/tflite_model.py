@@ -211,7 +211,7 @@ class TfliteModel:
                 yield finish("cancelled")
                 return
             chunk = todo[done:done + n_real]
-            logits = self._run(signature, chunk, pos, width, want_logits=done + n_real == len(todo))
+            logits = self._run(signature, chunk, pos, width, rows=int(done + n_real == len(todo)))
             pos, done = pos + n_real, done + n_real
         prefill_end = time.perf_counter()
         while True:
@@ -236,19 +236,41 @@ class TfliteModel:
             if n_gen >= params.max_tokens or pos + 1 >= self.info.n_ctx:
                 yield finish("length")
                 return
-            logits = self._run(DECODE, [token], pos, 1, want_logits=True)
+            logits = self._run(DECODE, [token], pos, 1, rows=1)
             pos += 1
 
-    def _run(self, signature: str, chunk: list[int], pos: int, width: int, want_logits: bool) -> Any:
+    def _run(self, signature: str, chunk: list[int], pos: int, width: int, rows: int) -> Any:
+        """The last token's logits (one row) when ``rows`` is 1, all ``rows`` last rows when more."""
         try:
-            logits = self.engine.run(signature, chunk, pos, width, want_logits)
+            logits = self.engine.run(signature, chunk, pos, width, rows)
         except BaseException:
             # The cache may hold part of a failed step: forget the prefix rather than trust it.
             self.prefix.tokens.clear()
             raise
         self.prefix.tokens.extend(chunk)
         self.evaluated_total += len(chunk)
-        return logits
+        return logits[-1] if rows == 1 else logits
+
+    def logit_rows(self, tokens: Sequence[int], first: int) -> Iterator[tuple[int, Any]]:
+        """Evaluate ``tokens`` from position 0 and yield (position, logit rows) from ``first`` on.
+
+        For quality measurement: every position's logits, chunk by chunk as the prefill
+        signatures evaluate them. The cached prefix is replaced by ``tokens``.
+        """
+        tokens = list(tokens)
+        if len(tokens) > self.info.n_ctx:
+            raise ContextLengthExceededError(len(tokens), self.info.n_ctx)
+        with self._lock:
+            self.prefix.tokens.clear()
+            pos = 0
+            for signature, n_real, width in plan_chunks(len(tokens), 0, self.layout.prefill_lengths,
+                                                        self.layout.kv_len):
+                chunk = tokens[pos:pos + n_real]
+                rows = min(n_real, pos + n_real - first)
+                logits = self._run(signature, chunk, pos, width, rows=max(0, rows))
+                if rows > 0:
+                    yield pos + n_real - rows, logits.reshape(rows, -1)
+                pos += n_real
 
     def reset(self) -> None:
         """Forget the cached prefix (the next call evaluates the whole prompt)."""
