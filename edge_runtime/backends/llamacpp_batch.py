@@ -1,8 +1,8 @@
 """Continuous batching for the llama.cpp backend: slots, and the scheduler that advances them.
 
 A model holds N sequences (slots) in one llama.cpp context. One scheduler thread owns the context:
-each step it puts every active slot's next token (or the next chunk of a prompt being prefilled)
-into a single ``llama_decode`` batch, then samples each slot's token with llama.cpp's sampler
+each step it puts every decoding slot's next token and the next chunk of the oldest prompt still
+being prefilled into a single ``llama_decode`` batch, then samples each slot's token with llama.cpp's sampler
 chain. New requests join between steps. Consumers read their slot's events from a queue, so the
 chat loop, the server and the bench all see the same ``Iterator[TokenEvent]``.
 """
@@ -212,9 +212,11 @@ class BatchScheduler:
                 request.out_index = len(entries)
                 entries.append((request.next_token, request.pos, request.seq.seq_id, True))
                 fed.append((request, [request.next_token]))
-        for request in self._active:
-            if request.next_token is not None or not request.todo or len(entries) >= n_batch:
-                continue
+        # Then one prompt, the oldest waiting: prompts that arrive together are prefilled one after
+        # another, so the first answers while the next is evaluated (on a CPU, evaluating them in
+        # one batch saves little and makes every one of them wait for all).
+        request = next((r for r in self._active if r.next_token is None and r.todo), None)
+        if request is not None and len(entries) < n_batch:
             chunk = request.todo[: n_batch - len(entries)]
             done = len(chunk) == len(request.todo)
             for i, token in enumerate(chunk):
