@@ -56,6 +56,11 @@ class DecoderSpec:
     # Llama 3 frequency scaling: factor, low_freq_factor, high_freq_factor,
     # original_max_position_embeddings; None for plain RoPE.
     llama3_rope: dict[str, float] | None = None
+    # Gemma 3: litert-torch's own Gemma 3 decoder, its sliding-window layers masked in the graph
+    # (so any KV length is exact); per layer "full_attention" or "sliding_attention".
+    gemma3: bool = False
+    layer_types: list[str] | None = None
+    rope_local_theta: float | None = None  # RoPE base of the sliding-window layers
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -159,6 +164,60 @@ class Qwen2Family(_Family):
         return super().spec(config, architecture)
 
 
+@_family("Gemma3ForCausalLM")
+class Gemma3Family(_Family):
+    """Gemma 3 text decoders (270M, 1B): GELU-tanh, q/k norms, (1 + w) RMS norms, scaled embedding,
+    sliding-window and full layers with their own RoPE bases, the head tied to the embedding."""
+
+    @classmethod
+    def spec(cls, config: dict[str, Any], architecture: str) -> DecoderSpec:
+        def unsupported(what: str) -> UnsupportedModelError:
+            return UnsupportedModelError(f"{architecture} with {what} cannot be exported to TFLite",
+                                         "litert-torch's Gemma 3 decoder covers the 270M and 1B text models")
+
+        act = config.get("hidden_activation") or config.get("hidden_act")
+        if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise unsupported(f"activation {act!r}")
+        for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+            if config.get(key) is not None:
+                raise unsupported(key)
+        if config.get("use_bidirectional_attention"):
+            raise unsupported("bidirectional attention")
+        heads, hidden = int(config["num_attention_heads"]), int(config["hidden_size"])
+        head_dim = int(config.get("head_dim") or hidden // heads)
+        if float(config.get("query_pre_attn_scalar") or head_dim) != head_dim:
+            raise unsupported("query_pre_attn_scalar other than head_dim")  # litert scales by head_dim
+        layers = int(config["num_hidden_layers"])
+        pattern = int(config.get("sliding_window_pattern") or config.get("_sliding_window_pattern") or 6)
+        types = list(config.get("layer_types") or [
+            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)])
+        if len(types) != layers or set(types) - {"full_attention", "sliding_attention"}:
+            raise InvalidModelFileError(f"{architecture}: layer_types does not describe {layers} layers")
+        full, local = _gemma3_ropes(config)
+        for rope in (full, local):
+            kind = rope.get("rope_type") or rope.get("type") or "default"
+            if kind != "default":
+                raise unsupported(f"RoPE scaling {kind!r}")
+        return DecoderSpec(
+            architecture=architecture, model_type="gemma3", vocab_size=int(config["vocab_size"]),
+            num_layers=layers, hidden_size=hidden, intermediate_size=int(config["intermediate_size"]),
+            num_heads=heads, num_kv_heads=int(config.get("num_key_value_heads") or heads), head_dim=head_dim,
+            rope_theta=float(full.get("rope_theta") or 1_000_000.0), rms_norm_eps=float(config.get("rms_norm_eps") or 1e-6),
+            max_position_embeddings=int(config.get("max_position_embeddings") or 32768), tie_word_embeddings=True,
+            qkv_bias=bool(config.get("attention_bias", False)), sliding_window=int(config.get("sliding_window") or 512),
+            gemma3=True, layer_types=types, rope_local_theta=float(local.get("rope_theta") or 10_000.0),
+        )
+
+
+def _gemma3_ropes(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """RoPE of the full and of the sliding-window layers (transformers 5 nests them per layer type)."""
+    params = config.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        return dict(params.get("full_attention") or {}), dict(params.get("sliding_attention") or {})
+    full = _rope(config)
+    return full, {"rope_theta": config.get("rope_local_base_freq") or 10_000.0}
+
+
 def supported_architectures() -> list[str]:
     """HF ``architectures`` names this converter exports, sorted."""
     return sorted(FAMILIES)
@@ -190,6 +249,9 @@ def read_decoder_spec(src: str | Path) -> DecoderSpec:
     names = {ref.name for ref in tensors}
     if EMBEDDING not in names and LM_HEAD not in names:
         raise InvalidModelFileError(f"{folder}: the weights hold neither {EMBEDDING} nor {LM_HEAD}")
+    if spec.gemma3 and LM_HEAD in names and EMBEDDING in names:
+        raise UnsupportedModelError(f"{architecture} with a separate lm_head cannot be exported to TFLite",
+                                    "litert-torch's Gemma 3 decoder ties the head to the embedding")
     # The checkpoint decides whether the head is tied: configs leave the flag out as often as not.
     return DecoderSpec.from_dict({
         **spec.to_dict(), "tie_word_embeddings": not (EMBEDDING in names and LM_HEAD in names),
@@ -205,6 +267,9 @@ def shard_paths(src: str | Path) -> list[Path]:
 def build_model_config(spec: DecoderSpec, kv_cache_max_len: int) -> Any:
     """litert-torch's ``ModelConfig`` for ``spec`` (imports litert-torch: worker only)."""
     import litert_torch.generative.layers.model_config as cfg
+
+    if spec.gemma3:
+        return _gemma3_model_config(spec, kv_cache_max_len)
 
     attn = cfg.AttentionConfig(
         num_heads=spec.num_heads, head_dim=spec.head_dim, num_query_groups=spec.num_kv_heads,
@@ -240,4 +305,39 @@ def _llama3_rope_builder(rope: dict[str, float]) -> Any:
         llama._build_llama3_rope_cache, condense_ratio=1, dtype=torch.float32, device=torch.device("cpu"),
         factor=rope["factor"], low_freq_factor=rope["low_freq_factor"], high_freq_factor=rope["high_freq_factor"],
         max_seq_len=int(rope["original_max_position_embeddings"]),
+    )
+
+
+def _gemma3_model_config(spec: DecoderSpec, kv_cache_max_len: int) -> Any:
+    """The config litert-torch's ``examples/gemma3`` decoder takes, from the checkpoint's own numbers
+    (its built-in 270M/1B configs hard-code the layer pattern)."""
+    import litert_torch.generative.layers.model_config as cfg
+
+    norm = cfg.NormalizationConfig(type=cfg.NormalizationType.RMS_NORM, epsilon=spec.rms_norm_eps, zero_centered=True)
+    ff = cfg.FeedForwardConfig(
+        type=cfg.FeedForwardType.GATED, activation=cfg.ActivationConfig(cfg.ActivationType.GELU_TANH),
+        intermediate_size=spec.intermediate_size, pre_ff_norm_config=norm, post_ff_norm_config=norm,
+    )
+
+    def block(kind: str) -> Any:
+        full = kind == "full_attention"
+        attn = cfg.AttentionConfig(
+            num_heads=spec.num_heads, head_dim=spec.head_dim, num_query_groups=spec.num_kv_heads,
+            rotary_base=spec.rope_theta if full else spec.rope_local_theta, rotary_percentage=1.0,
+            qkv_use_bias=spec.qkv_bias, query_norm_config=norm, key_norm_config=norm,
+            # The q/k norms act per head: split the fused projection into heads first, and fuse it
+            # q-then-k-then-v (not interleaved per group), which that split reads right for any
+            # number of KV heads.
+            qkv_transpose_before_split=True, qkv_fused_interleaved=False,
+            sliding_window_size=spec.sliding_window,
+            attn_type=cfg.AttentionType.GLOBAL if full else cfg.AttentionType.LOCAL_SLIDING,
+        )
+        return cfg.TransformerBlockConfig(attn_config=attn, ff_config=ff, pre_attention_norm_config=norm,
+                                          post_attention_norm_config=norm)
+
+    return cfg.ModelConfig(
+        vocab_size=spec.vocab_size, num_layers=spec.num_layers,
+        max_seq_len=max(spec.max_position_embeddings, kv_cache_max_len), embedding_dim=spec.hidden_size,
+        embedding_scale=spec.hidden_size**0.5, block_configs=[block(t) for t in spec.layer_types or ()],
+        final_norm_config=norm, lm_head_use_bias=False, final_logit_softcap=None,
     )

@@ -75,10 +75,17 @@ def convert(request: dict[str, Any], protocol: IO[str]) -> str:
     spec = DecoderSpec.from_dict(request["spec"])
     kv_len = int(request["kv_cache_max_len"])
     config = build_model_config(spec, kv_len)
-    names = model_builder.TENSOR_NAMES if spec.tie_word_embeddings else model_builder.TENSOR_NAMES_WITH_SEPARATE_LM_HEAD
-    model = model_builder.build_decoder_only_model(
-        request["src"], config, names, custom_loader=_load_shards(request["shards"], spec.embedding_from_head), mask_cache_size=kv_len,
-    )
+    loader = _load_shards(request["shards"], spec.embedding_from_head)
+    if spec.gemma3:
+        from litert_torch.generative.examples.gemma3 import decoder as gemma3
+
+        model = model_builder.build_decoder_only_model(
+            request["src"], config, gemma3.TENSOR_NAMES_SEP_QKV, model_class=gemma3.Decoder,
+            custom_loader=loader, mask_cache_size=kv_len)
+    else:
+        names = model_builder.TENSOR_NAMES if spec.tie_word_embeddings else model_builder.TENSOR_NAMES_WITH_SEPARATE_LM_HEAD
+        model = model_builder.build_decoder_only_model(request["src"], config, names, custom_loader=loader,
+                                                       mask_cache_size=kv_len)
     return converter.convert_to_tflite(
         model, request["out_dir"], "model", prefill_seq_len=list(request["prefill_lengths"]),
         kv_cache_max_len=kv_len, quantize=request["quantize"], config=config,

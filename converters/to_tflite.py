@@ -177,7 +177,7 @@ def _check_lengths(prefill_lengths: tuple[int, ...], kv_len: int, spec: DecoderS
         raise InvalidConfigError(
             f"kv_cache_max_len {kv_len} exceeds the model's context of {spec.max_position_embeddings} tokens",
             f"use at most {spec.max_position_embeddings}")
-    if spec.sliding_window and kv_len > spec.sliding_window:
+    if spec.sliding_window and not spec.gemma3 and kv_len > spec.sliding_window:
         raise InvalidConfigError(
             f"{spec.architecture} attends to a window of {spec.sliding_window} tokens; this converter exports "
             f"plain causal attention, exact only up to kv_cache_max_len {spec.sliding_window}",
@@ -192,7 +192,11 @@ def _check_lengths(prefill_lengths: tuple[int, ...], kv_len: int, spec: DecoderS
 def _tokenizer_files(src: Path) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
     """tokenizer.json bytes, tokenizer_config.json (chat template folded in), generation config."""
     tok = src / TOKENIZER_FILE
-    if not tok.is_file():
+    if tok.is_file():
+        tokenizer = tok.read_bytes()
+    elif (src / "tokenizer.model").is_file():
+        tokenizer = _fast_tokenizer_from_sentencepiece(src)
+    else:
         raise InvalidModelFileError(f"{src}: no {TOKENIZER_FILE}",
                                     "the TFLite backend reads tokenizer.json; save a fast tokenizer")
     config_path = src / TOKENIZER_CONFIG_FILE
@@ -204,7 +208,20 @@ def _tokenizer_files(src: Path) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
     model_config = _read_json(src / "config.json")
     for key in ("bos_token_id", "eos_token_id"):
         generation.setdefault(key, model_config.get(key))
-    return tok.read_bytes(), config, generation
+    return tokenizer, config, generation
+
+
+def _fast_tokenizer_from_sentencepiece(src: Path) -> bytes:
+    """tokenizer.json made by transformers from a SentencePiece ``tokenizer.model`` (as Gemma ships)."""
+    try:
+        from transformers import AutoTokenizer
+
+        fast = AutoTokenizer.from_pretrained(str(src))
+        return fast.backend_tokenizer.to_str().encode("utf-8")
+    except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidModelFileError(f"{src}: no {TOKENIZER_FILE}, and tokenizer.model could not be converted ({first})",
+                                    "save a fast tokenizer (tokenizer.json) beside the weights") from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

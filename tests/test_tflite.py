@@ -149,6 +149,19 @@ def test_qwen2_f32_greedy_tokens_equal_transformers(request, tiny_family_dirs):
         assert _tokens(model.generate(prompt, GREEDY)) == _hf_greedy(src, prompt, GREEDY.max_tokens)
 
 
+def test_gemma3_f32_greedy_tokens_equal_transformers(request, tiny_gemma3_dir):
+    from edge_runtime.backends.tflite import TfliteBackend
+
+    # Sliding-window layers (a 4-token window), a full layer, q/k norms, (1 + w) norms, a scaled
+    # embedding and a SentencePiece tokenizer the converter turns into tokenizer.json.
+    path = _converted(request, tiny_gemma3_dir, "none", family="gemma3")
+    with TfliteBackend.load(str(path), Settings(n_threads=2)) as model:
+        prompt = model.tokenize(PROMPT, add_bos=model.info.add_bos)
+        assert model.info.arch == "gemma3" and len(prompt) > PREFILL[-1]
+        ours = _tokens(model.generate(prompt, GREEDY))
+        assert ours == _hf_greedy(tiny_gemma3_dir, prompt, GREEDY.max_tokens) and len(ours) >= 8
+
+
 def test_interpreter_engine_gives_the_same_tokens(tflite_f32, f32_model):
     # The classic Interpreter path is what tflite-runtime images run.
     from edge_runtime.backends.tflite_engine import InterpreterEngine

@@ -117,13 +117,26 @@ def test_sources_the_converter_cannot_export_fail_before_any_work(tiny_family_di
     from edge_runtime.converters.to_tflite import convert_hf_to_tflite
     from edge_runtime.errors import InvalidConfigError, UnsupportedModelError
 
+    def variant(src: Path, name: str, **changes) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(src, folder)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **changes}))
+        return folder
+
     with pytest.raises(UnsupportedModelError) as err:
-        convert_hf_to_tflite(tiny_gemma3_dir, tmp_path / "g.tflite")
-    assert "Gemma3ForCausalLM" in err.value.message and "Qwen2ForCausalLM" in (err.value.hint or "")
-    windowed = tmp_path / "mistral"
-    shutil.copytree(tiny_family_dirs["mistral"], windowed)
-    config = json.loads((windowed / "config.json").read_text())
-    (windowed / "config.json").write_text(json.dumps({**config, "sliding_window": 64}))
+        convert_hf_to_tflite(variant(tiny_family_dirs["llama"], "falcon", architectures=["FalconForCausalLM"]),
+                             tmp_path / "f.tflite")
+    assert "FalconForCausalLM" in err.value.message and "Gemma3ForCausalLM" in (err.value.hint or "")
+    # Gemma 3 beyond what litert-torch's decoder computes: refused, not exported wrong.
+    for name, changes in {"softcap": {"final_logit_softcapping": 30.0},
+                          "scalar": {"query_pre_attn_scalar": 144},
+                          "scaled-rope": {"rope_parameters": {
+                              "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                              "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}}.items():
+        with pytest.raises(UnsupportedModelError):
+            convert_hf_to_tflite(variant(tiny_gemma3_dir, name, **changes), tmp_path / "g.tflite")
+    windowed = variant(tiny_family_dirs["mistral"], "mistral", sliding_window=64)
     with pytest.raises(InvalidConfigError) as err:
         convert_hf_to_tflite(windowed, tmp_path / "m.tflite", kv_cache_max_len=128)
     assert "window of 64" in err.value.message
