@@ -65,13 +65,21 @@ def hf_source_from_gguf(gguf_path: str | Path, out_dir: str | Path) -> HFSource:
 
 
 def _save_dequantized(src: Path, folder: Path) -> tuple[str, int, str | None]:
-    import torch
-    from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from edge_runtime.quiet import quiet_native_stderr
 
+    # torch, torchao and transformers print import warnings and progress bars: not for the user.
+    with quiet_native_stderr():
+        import torch
+        from safetensors.torch import save_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-        model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+        with quiet_native_stderr():
+            tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+            model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     except (ValueError, KeyError, NotImplementedError) as exc:
         # transformers names what it cannot read (an architecture or a tensor type) in the text.
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -9,13 +9,9 @@ fell back to another type because their rows do not fit the target's block size.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +22,8 @@ import llama_cpp
 
 from edge_runtime.errors import InvalidConfigError, ModelLoadError, ModelNotFoundError
 from edge_runtime.gguf_file import read_gguf_header
+
+from .worker_process import follow_worker
 
 Progress = Callable[[int, int], None]
 
@@ -147,41 +145,29 @@ def _run_worker(request: dict[str, Any], progress: Progress | None) -> list[str]
     """Run the child and follow its log; return the fallbacks, raise on failure."""
     log = logging.getLogger("edge_runtime.llama_cpp")
     fallbacks: list[str] = []
-    errors = ""
-    rc: int | None = None
+    result: dict[str, Any] = {}
     n_tensors = 0
-    with tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace") as stderr:
-        cmd = [sys.executable, "-m", "edge_runtime.converters.quantize_worker", json.dumps(request)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, encoding="utf-8")
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                try:
-                    msg = json.loads(line)
-                except ValueError:
-                    continue
-                if "rc" in msg:
-                    rc, errors = int(msg["rc"]), str(msg.get("errors") or "")
-                    continue
-                text = str(msg.get("text", ""))
-                log.debug("%s", text)
-                if (m := _FALLBACK.search(text)) is not None:
-                    fallbacks.append(f"{m['tensor']}: {m['want']} -> {m['got']} "
-                                     f"(row of {m['ncols']} not a multiple of {m['block']})")
-                elif progress is not None and (p := _PROGRESS.match(text)) is not None:
-                    n_tensors = int(p[2])
-                    progress(int(p[1]) - 1, n_tensors)  # llama.cpp logs a tensor as it starts it
-            proc.wait()
-            if progress is not None and rc == 0 and n_tensors:
-                progress(n_tensors, n_tensors)
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        stderr.seek(0)
-        tail = stderr.read()[-2000:].strip()
-    if rc != 0 or proc.returncode != 0:
-        why = errors or tail or f"the quantizer exited with status {proc.returncode}"
+
+    def on_message(msg: dict[str, Any]) -> None:
+        nonlocal n_tensors
+        if "rc" in msg:
+            result.update(rc=int(msg["rc"]), errors=str(msg.get("errors") or ""))
+            return
+        text = str(msg.get("text", ""))
+        log.debug("%s", text)
+        if (m := _FALLBACK.search(text)) is not None:
+            fallbacks.append(f"{m['tensor']}: {m['want']} -> {m['got']} "
+                             f"(row of {m['ncols']} not a multiple of {m['block']})")
+        elif progress is not None and (p := _PROGRESS.match(text)) is not None:
+            n_tensors = int(p[2])
+            progress(int(p[1]) - 1, n_tensors)  # llama.cpp logs a tensor as it starts it
+
+    returncode, tail = follow_worker("edge_runtime.converters.quantize_worker", request, on_message)
+    rc, errors = result.get("rc"), result.get("errors", "")
+    if rc == 0 and returncode == 0 and progress is not None and n_tensors:
+        progress(n_tensors, n_tensors)
+    if rc != 0 or returncode != 0:
+        why = errors or tail or f"the quantizer exited with status {returncode}"
         why = why.split("failed to quantize:", 1)[-1].strip()
         if "imatrix" in why:
             raise InvalidConfigError(f"llama.cpp: {why}", "this type needs an importance matrix; choose another")

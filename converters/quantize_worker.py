@@ -14,10 +14,10 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
-import os
-import signal
 import sys
 from typing import IO
+
+from edge_runtime.converters.worker_process import open_protocol, send
 
 
 class _LineForwarder(logging.Handler):
@@ -26,17 +26,13 @@ class _LineForwarder(logging.Handler):
         self.stream = stream
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.stream.write(json.dumps({"log": record.levelno, "text": record.getMessage()}) + "\n")
-        self.stream.flush()
+        send(self.stream, log=record.levelno, text=record.getMessage())
 
 
 def main(argv: list[str]) -> int:
     """Quantize as the JSON request in ``argv[1]`` says; return llama.cpp's status."""
-    # The parent owns Ctrl-C: it kills this process and removes the partial file.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     request = json.loads(argv[1])
-    protocol = os.fdopen(os.dup(1), "w", encoding="utf-8")
-    os.dup2(2, 1)
+    protocol = open_protocol()  # the parent owns Ctrl-C: it kills this process, removes the partial file
 
     import llama_cpp
 
@@ -54,8 +50,7 @@ def main(argv: list[str]) -> int:
     params.allow_requantize = bool(request["allow_requantize"])
     rc = llama_cpp.llama_model_quantize(
         request["src"].encode(), request["dst"].encode(), ctypes.byref(params))
-    protocol.write(json.dumps({"rc": int(rc), "errors": take_recent_errors()}) + "\n")
-    protocol.flush()
+    send(protocol, rc=int(rc), errors=take_recent_errors())
     return 0
 
 

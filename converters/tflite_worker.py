@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 from typing import IO, Any
+
+from edge_runtime.converters.worker_process import open_protocol, send
 
 
 class _ProgressLines:
@@ -30,8 +31,7 @@ class _ProgressLines:
         while "\n" in self.pending:
             line, self.pending = self.pending.split("\n", 1)
             if line.strip():
-                self.protocol.write(json.dumps({"log": line.strip()}) + "\n")
-                self.protocol.flush()
+                send(self.protocol, log=line.strip())
         return len(text)
 
     def flush(self) -> None:
@@ -95,11 +95,8 @@ def convert(request: dict[str, Any], protocol: IO[str]) -> str:
 
 def main(argv: list[str]) -> int:
     """Convert as the JSON request in ``argv[1]`` says."""
-    # The parent owns Ctrl-C: it kills this process and removes the temporary folder.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     request = json.loads(argv[1])
-    protocol = os.fdopen(os.dup(1), "w", encoding="utf-8")
-    os.dup2(2, 1)
+    protocol = open_protocol()  # the parent owns Ctrl-C: it kills this process, removes the temporary folder
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if request.get("threads"):
         import torch
@@ -109,11 +106,9 @@ def main(argv: list[str]) -> int:
         path = convert(request, protocol)
     except Exception as exc:  # reported to the parent, which raises a user-facing error
         text = str(exc).strip().splitlines()
-        protocol.write(json.dumps({"error": f"{type(exc).__name__}: {text[0] if text else ''}"}) + "\n")
-        protocol.flush()
+        send(protocol, error=f"{type(exc).__name__}: {text[0] if text else ''}")
         raise
-    protocol.write(json.dumps({"file": path}) + "\n")
-    protocol.flush()
+    send(protocol, file=path)
     return 0
 
 

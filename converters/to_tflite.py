@@ -27,8 +27,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -52,6 +50,7 @@ from edge_runtime.files import atomic_write
 from edge_runtime.manifest import ManifestArtifact
 
 from .tflite_config import DecoderSpec, read_decoder_spec, shard_paths
+from .worker_process import follow_worker
 
 __all__ = [
     "QUANT_RECIPES",
@@ -252,38 +251,24 @@ def _write_companions(out: Path, tokenizer: tuple[bytes, dict[str, Any], dict[st
 
 def _run_worker(request: dict[str, Any], progress: Progress | None, total_steps: int) -> str:
     """Run the child and follow its progress; return the file it wrote, raise on failure."""
-    file: str | None = None
-    error: str | None = None
+    result: dict[str, str] = {}
     done = 0
-    with tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace") as stderr:
-        cmd = [sys.executable, "-m", "edge_runtime.converters.tflite_worker", json.dumps(request)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, encoding="utf-8")
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                try:
-                    msg = json.loads(line)
-                except ValueError:
-                    continue
-                if "file" in msg:
-                    file = str(msg["file"])
-                elif "error" in msg:
-                    error = str(msg["error"])
-                elif _is_step(str(msg.get("log", ""))):
-                    done += 1
-                    if progress is not None:
-                        progress(min(done, total_steps - 1), total_steps)
-            proc.wait()
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        stderr.seek(0)
-        tail = stderr.read()[-2000:].strip()
-    if proc.returncode != 0 or file is None:
-        why = error or (tail.splitlines()[-1] if tail else f"the converter exited with status {proc.returncode}")
-        if proc.returncode and proc.returncode < 0 and not error:
-            why = f"the converter was killed by signal {-proc.returncode} (out of memory?)"
+
+    def on_message(msg: dict[str, Any]) -> None:
+        nonlocal done
+        if "file" in msg or "error" in msg:
+            result.update({k: str(v) for k, v in msg.items()})
+        elif _is_step(str(msg.get("log", ""))):
+            done += 1
+            if progress is not None:
+                progress(min(done, total_steps - 1), total_steps)
+
+    returncode, tail = follow_worker("edge_runtime.converters.tflite_worker", request, on_message)
+    file, error = result.get("file"), result.get("error")
+    if returncode != 0 or file is None:
+        why = error or (tail.splitlines()[-1] if tail else f"the converter exited with status {returncode}")
+        if returncode < 0 and not error:
+            why = f"the converter was killed by signal {-returncode} (out of memory?)"
         raise ModelLoadError(f"converting to TFLite ({request['quantize']}) failed: {why}")
     if progress is not None:
         progress(total_steps, total_steps)

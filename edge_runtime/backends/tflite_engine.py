@@ -21,9 +21,7 @@ import importlib
 import importlib.util
 import os
 import platform
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendUnavailableError, GenerationError, ModelLoadError
+from ..quiet import quiet_native_stderr
 from .tflite_signatures import (
     DECODE,
     INPUT_POS,
@@ -76,32 +75,6 @@ def find_runtime() -> Runtime:
     except ImportError:
         raise ImportError("neither ai-edge-litert nor tflite-runtime is installed") from None
     return Runtime("tflite-runtime", str(getattr(tflite_runtime, "__version__", "0")), False)
-
-
-@contextmanager
-def quiet_native_stderr() -> Iterator[list[str]]:
-    """Hold back what native code prints on stderr (LiteRT logs every accelerator it probes).
-
-    The lines are collected in the yielded list, so a failure can quote them; EDGERT_DEBUG=1
-    lets them through.
-    """
-    captured: list[str] = []
-    if os.environ.get("EDGERT_DEBUG"):
-        yield captured
-        return
-    import sys
-
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield captured
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            captured.extend(sink.read().decode("utf-8", errors="replace").splitlines())
 
 
 _exit_hook_installed = False
