@@ -26,7 +26,6 @@ class Window:
 
 class Scorer(Protocol):
     path: str
-    format: str
     n_vocab: int
     add_bos: bool
     bos: int | None
@@ -68,7 +67,6 @@ class LlamaScorer:
 
         read_gguf_header(path)  # our bounds-checked read first: llama.cpp aborts on some bad files
         self.path = str(path)
-        self.format = "gguf"
         self.model = native.NativeModel(self.path, Settings(n_ctx=n_ctx))
         self.n_vocab = native.vocab_size(self.model.vocab)
         self.add_bos = native.vocab_add_bos(self.model.vocab)
@@ -141,7 +139,6 @@ class BackendScorer:
         self.path = str(path)
         # One position more than a window: ONNX keeps one free for the next token.
         self.model = load(self.path, Settings(n_ctx=n_ctx + 1, n_threads=threads))
-        self.format = "onnx" if Path(path).is_dir() else "tflite"
         info = self.model.info
         if info.n_ctx < n_ctx:
             self.close()

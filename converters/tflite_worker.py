@@ -83,7 +83,8 @@ def convert(request: dict[str, Any], protocol: IO[str]) -> str:
             request["src"], config, gemma3.TENSOR_NAMES_SEP_QKV, model_class=gemma3.Decoder,
             custom_loader=loader, mask_cache_size=kv_len)
     else:
-        names = model_builder.TENSOR_NAMES if spec.tie_word_embeddings else model_builder.TENSOR_NAMES_WITH_SEPARATE_LM_HEAD
+        names = (model_builder.TENSOR_NAMES if spec.tie_word_embeddings
+                 else model_builder.TENSOR_NAMES_WITH_SEPARATE_LM_HEAD)
         model = model_builder.build_decoder_only_model(request["src"], config, names, custom_loader=loader,
                                                        mask_cache_size=kv_len)
     return converter.convert_to_tflite(

@@ -19,7 +19,8 @@ from collections.abc import Callable
 from typing import IO, Any
 
 
-def follow_worker(module: str, request: dict[str, Any], on_message: Callable[[dict[str, Any]], None]) -> tuple[int, str]:
+def follow_worker(module: str, request: dict[str, Any],
+                  on_message: Callable[[dict[str, Any]], None]) -> tuple[int, str]:
     """Run ``python -m module '<request as JSON>'``, hand each protocol line to ``on_message``.
 
     Returns the child's exit status and the last 2000 characters of its stderr. Any exception

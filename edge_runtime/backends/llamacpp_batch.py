@@ -2,8 +2,8 @@
 
 A model holds N sequences (slots) in one llama.cpp context. One scheduler thread owns the context:
 each step it puts every decoding slot's next token and the next chunk of the oldest prompt still
-being prefilled into a single ``llama_decode`` batch, then samples each slot's token with llama.cpp's sampler
-chain. New requests join between steps. Consumers read their slot's events from a queue, so the
+being prefilled into a single ``llama_decode`` batch, then samples each slot's token with
+llama.cpp's sampler chain. New requests join between steps. Consumers read their slot's events from a queue, so the
 chat loop, the server and the bench all see the same ``Iterator[TokenEvent]``.
 """
 
