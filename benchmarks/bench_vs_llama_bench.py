@@ -17,7 +17,7 @@ Runs alternate (llama-bench pp, llama-bench tg, edgert bench) for ``--rounds`` r
 shows the median of the rounds' means and the ratio edgert / llama-bench. Target: tg ratio
 >= 0.95. Then the figures only edgert bench gives. The script reports; it never fails on a
 missed target. llama-bench comes from PATH or ./bin/llama-bench
-(``scripts/build_llama_bench.sh`` builds it from the llama.cpp that llama-cpp-python vendors).
+(``scripts/build_llama_tools.sh`` builds it from the llama.cpp that llama-cpp-python vendors).
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def main() -> int:
         print(f"pp: edgert / llama-bench = {median(our_pp) / median(native_pp):.3f}")
         print(f"llama-bench: {binary}")
     else:
-        print("llama-bench: not found on PATH or in ./bin (build it with scripts/build_llama_bench.sh)")
+        print("llama-bench: not found on PATH or in ./bin (build it with scripts/build_llama_tools.sh)")
     last = ours[-1]
     roof = last.get("roofline") or {}
     energy = last.get("energy") or {}

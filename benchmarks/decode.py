@@ -15,7 +15,7 @@ the same number of tokens (edgert and llama-bench with flash attention and edger
   calls it (same threads and context, its own defaults otherwise: the issue's comparison), and
   tuned with edgert's settings (flash attention, batch size), which leaves only the Python loop.
 - native llama.cpp through ``llama-bench`` (PATH or ./bin/llama-bench, built by
-  ``scripts/build_llama_bench.sh``): its ``tg`` test with the KV cache pre-filled to the prompt's
+  ``scripts/build_llama_tools.sh``): its ``tg`` test with the KV cache pre-filled to the prompt's
   length (``-d``), so every runner decodes at the same depth.
 
 The runners take turns (A, B, C, D, A, B, C, D, ...) for ``--reps`` rounds after one warm-up round,
@@ -339,7 +339,7 @@ def print_report(args: argparse.Namespace, model: str, prompt_tokens: int, n_bat
         print(f"create_completion / native   {high_level / native:6.3f}")
     else:
         print("native llama.cpp: no llama-bench binary on PATH or in ./bin "
-              "(build one with scripts/build_llama_bench.sh)")
+              "(build one with scripts/build_llama_tools.sh)")
     print()
     for line in checks:
         print(line)

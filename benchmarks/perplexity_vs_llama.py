@@ -3,7 +3,7 @@
 
 For each configuration it runs ``llama-perplexity -m MODEL -f TEXT -c N_CTX -b N_BATCH --chunks K``
 (built from the very llama.cpp the installed llama-cpp-python carries, by
-``scripts/build_llama_perplexity.sh``) and ``edge_runtime.converters.evaluate.evaluate`` on the same
+``scripts/build_llama_tools.sh``) and ``edge_runtime.converters.evaluate.evaluate`` on the same
 file, then prints both final estimates (llama-perplexity prints 4 decimals), the ratio, the time
 each took, and llama-perplexity's running value after each window. Configurations:
 
@@ -84,7 +84,7 @@ def main() -> None:
     print(f"model {Path(model).name} · text {args.text.name} · {args.chunks} windows · "
           f"{args.threads} threads · load average {os.getloadavg()[0]:.2f}")
     if tool is None:
-        print("llama-perplexity not found: run scripts/build_llama_perplexity.sh (or put it on PATH)")
+        print("llama-perplexity not found: run scripts/build_llama_tools.sh (or put it on PATH)")
         sys.exit(0)
     header = f"{'config':<22} {'llama-perplexity':>17} {'edge-runtime':>14} {'ratio':>8}  {'time llama / ours':>18}"
     print(header)

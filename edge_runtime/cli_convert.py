@@ -84,7 +84,9 @@ Default formats: those the named profiles' backend orders list and have a quant 
 without --profile, gguf only. A --quant name applies to the formats that know it
 (Q4_0,int8 builds GGUF Q4_0 and TFLite/ONNX int8). --outtype is the unquantized base of every
 format (f32: TFLite f32 and ONNX fp32 too; f16/bf16: TFLite fp16, ONNX fp32, built only when
-that format gets no other type).
+that format gets no other type, or as the quality reference of a build without gguf).
+Quality (perplexity with --text, KLD and top-1) is measured for every artifact, on the same
+tokens, against the gguf base (else the first format's base), through each format's runtime.
 """
 
 

@@ -115,3 +115,17 @@ def test_the_store_keeps_what_tflite_and_onnx_need(three_formats, edgert_cmd):
                               "--max-tokens", "3", "--temp", "0", "--threads", "2"],
                              capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr
+
+
+def test_without_gguf_the_first_formats_base_is_the_quality_reference(tiny_llama_dir, text_slice, tmp_path):
+    from edge_runtime.converters.build import BuildRequest, build
+
+    request = BuildRequest(source=str(tiny_llama_dir), out=str(tmp_path / "onnx-only"), formats=("onnx",),
+                           quants=("int8",), text=str(text_slice), n_ctx=64, n_chunks=2, threads=2,
+                           add_to_store=False)
+    result = build(request)
+    artifacts = {a.quant: a for a in result.manifest.artifacts}
+    assert set(artifacts) == {"fp32", "int8"} and artifacts["fp32"].role == "base"
+    assert result.manifest.evaluation["base_sha256"] == artifacts["fp32"].sha256
+    assert artifacts["fp32"].quality["kld_mean"] is None and artifacts["fp32"].quality["ppl"] > 1
+    assert 0 < artifacts["int8"].quality["kld_mean"] < 0.05 and artifacts["int8"].quality["n_tokens"] == 2 * 31

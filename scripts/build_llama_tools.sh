@@ -1,28 +1,36 @@
 #!/usr/bin/env bash
-# Build llama.cpp's `llama-bench` from the very sources the installed llama-cpp-python was built
-# from (the llama.cpp copy vendored in that version's sdist), so native figures compare like with
-# like. The result is ./bin/llama-bench, with the version it came from in ./bin/llama-bench.version.
+# Build llama.cpp's own tools (`llama-bench`, `llama-perplexity`) from the very sources the
+# installed llama-cpp-python was built from (the llama.cpp copy vendored in that version's sdist),
+# so the benchmarks compare our figures with native llama.cpp on the same kernels. Each tool lands
+# in ./bin/<tool>, with the version it came from in ./bin/<tool>.version.
 #
-# Usage: scripts/build_llama_bench.sh [--force]
-#   PYTHON=/path/to/python   interpreter whose llama-cpp-python version is matched
+# Usage: scripts/build_llama_tools.sh [--force] [llama-bench] [llama-perplexity]   (default: both)
+#
+# Environment:
+#   PYTHON=...               the interpreter whose llama-cpp-python version is matched
 #                            (default: .venv/bin/python, else python3)
 #   EXTRA_CMAKE_ARGS="..."   appended to the cmake configure line (e.g. -DGGML_OPENMP=OFF)
 #
 # The build mirrors llama-cpp-python's default CPU build: Release, GGML_NATIVE (the compiler's
-# -march=native), OpenMP, no GPU backend. It links llama.cpp statically so the one binary can be
-# copied and run on its own. Re-running is cheap: an up-to-date binary is left alone.
+# -march=native), OpenMP, no GPU backend. It links llama.cpp statically so each binary can be
+# copied and run on its own. The sources and the build tree stay in build/llama.cpp/<version>/
+# (about 300 MB, so a rebuild is incremental). An up-to-date binary is left alone.
 set -euo pipefail
 
-log() { printf 'build_llama_bench: %s\n' "$*" >&2; }
-die() { printf 'build_llama_bench: error: %s\n' "$*" >&2; exit 1; }
+log() { printf 'build_llama_tools: %s\n' "$*" >&2; }
+die() { printf 'build_llama_tools: error: %s\n' "$*" >&2; exit 1; }
 
 force=0
-case "${1:-}" in
-    "") ;;
-    --force) force=1 ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) die "unknown argument '$1' (only --force is accepted)" ;;
-esac
+tools=()
+for arg in "$@"; do
+    case "$arg" in
+        --force) force=1 ;;
+        llama-bench|llama-perplexity) tools+=("$arg") ;;
+        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) die "unknown argument '$arg' (tools: llama-bench, llama-perplexity; option: --force)" ;;
+    esac
+done
+[[ ${#tools[@]} -gt 0 ]] || tools=(llama-bench llama-perplexity)
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
@@ -42,14 +50,18 @@ version="$("$PYTHON" -c 'import importlib.metadata as m; print(m.version("llama-
 stamp_text="llama-cpp-python==$version"
 
 bin_dir="$repo_root/bin"
-target="$bin_dir/llama-bench"
-stamp="$bin_dir/llama-bench.version"
-if [[ $force -eq 0 && -x "$target" && -f "$stamp" && "$(cat "$stamp")" == "$stamp_text" ]]; then
-    log "bin/llama-bench is already built for $stamp_text; nothing to do (--force rebuilds)"
-    exit 0
-fi
+todo=()
+for tool in "${tools[@]}"; do
+    if [[ $force -eq 0 && -x "$bin_dir/$tool" && -f "$bin_dir/$tool.version" \
+          && "$(cat "$bin_dir/$tool.version")" == "$stamp_text" ]]; then
+        log "bin/$tool is already built for $stamp_text; nothing to do (--force rebuilds)"
+    else
+        todo+=("$tool")
+    fi
+done
+[[ ${#todo[@]} -gt 0 ]] || exit 0
 
-work="$repo_root/build/llama-bench/$version"
+work="$repo_root/build/llama.cpp/$version"
 src="$work/src"
 build="$work/build"
 mkdir -p "$work"
@@ -71,7 +83,7 @@ if [[ ! -f "$src/vendor/llama.cpp/CMakeLists.txt" ]]; then
     tar -xzf "$archive" -C "$unpacked"
     top="$(find "$unpacked" -mindepth 1 -maxdepth 1 -type d | head -n 1)"
     [[ -f "$top/vendor/llama.cpp/CMakeLists.txt" ]] \
-        || die "the sdist holds no vendor/llama.cpp sources; cannot build llama-bench from it"
+        || die "the sdist holds no vendor/llama.cpp sources; cannot build llama.cpp tools from it"
     rm -rf "$src"
     mv "$top" "$src"
     rm -rf "$unpacked" "$dl"
@@ -95,21 +107,24 @@ cmake -S "$src/vendor/llama.cpp" -B "$build" "${generator[@]}" \
     ${EXTRA_CMAKE_ARGS:-} >"$work/configure.log" 2>&1 \
     || { tail -n 30 "$work/configure.log" >&2; die "cmake configure failed (full log: $work/configure.log)"; }
 
-log "building target llama-bench with $jobs jobs (several minutes on a small machine)"
-cmake --build "$build" --config Release --target llama-bench -j "$jobs" >"$work/build.log" 2>&1 \
-    || { tail -n 40 "$work/build.log" >&2; die "build failed (full log: $work/build.log)"; }
+for tool in "${todo[@]}"; do
+    log "building target $tool with $jobs jobs (several minutes on a small machine)"
+    cmake --build "$build" --config Release --target "$tool" -j "$jobs" >"$work/build-$tool.log" 2>&1 \
+        || { tail -n 40 "$work/build-$tool.log" >&2; die "build failed (full log: $work/build-$tool.log)"; }
+    built="$(find "$build" -type f -name "$tool" -perm -u+x | head -n 1)"
+    [[ -n "$built" ]] || die "the build finished but no $tool binary was found under $build"
+    "$built" --help >/dev/null 2>&1 || die "the built $built does not run (try: $built --help)"
 
-built="$(find "$build" -type f -name llama-bench -perm -u+x | head -n 1)"
-[[ -n "$built" ]] || die "the build finished but no llama-bench binary was found under $build"
-"$built" --help >/dev/null 2>&1 || die "the built $built does not run (try: $built --help)"
-
-# Temporary names in the same folder, then rename: a reader never sees half a binary or a stamp
-# that names a version the binary is not.
-mkdir -p "$bin_dir"
-rm -f "$stamp"
-cp "$built" "$target.tmp.$$"
-chmod 0755 "$target.tmp.$$"
-printf '%s\n' "$stamp_text" >"$stamp.tmp.$$"
-mv -f "$target.tmp.$$" "$target"
-mv -f "$stamp.tmp.$$" "$stamp"
-log "built bin/llama-bench from $stamp_text"
+    # Temporary names in the same folder, then rename: a reader never sees half a binary or a
+    # stamp that names a version the binary is not.
+    target="$bin_dir/$tool"
+    stamp="$bin_dir/$tool.version"
+    mkdir -p "$bin_dir"
+    rm -f "$stamp"
+    cp "$built" "$target.tmp.$$"
+    chmod 0755 "$target.tmp.$$"
+    printf '%s\n' "$stamp_text" >"$stamp.tmp.$$"
+    mv -f "$target.tmp.$$" "$target"
+    mv -f "$stamp.tmp.$$" "$stamp"
+    log "built bin/$tool from $stamp_text"
+done
