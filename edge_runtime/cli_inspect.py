@@ -94,11 +94,13 @@ def plan(profile_id: str | None, as_json: bool, **opts: Any) -> None:
         _json(chosen.to_dict())
         return
     s, m, a = chosen.settings, chosen.memory, chosen.artifact
+    settings = f"threads {s.n_threads} · ctx {s.n_ctx}"
+    if chosen.backend == "llama.cpp":  # the other runtimes have no such knobs
+        settings += (f" · batch {s.n_batch} · gpu layers {s.n_gpu_layers} · kv {s.type_k} · flash attn "
+                     f"{'on' if s.flash_attn else 'off'} · mmap {'on' if s.use_mmap else 'off'}")
     rows = [
         ("backend", f"{chosen.backend}        artifact  {a.label} ({a.size_bytes / MIB:.0f} MiB)"),
-        ("settings", f"threads {s.n_threads} · ctx {s.n_ctx} · batch {s.n_batch} · gpu layers "
-                     f"{s.n_gpu_layers} · kv {s.type_k} · flash attn {'on' if s.flash_attn else 'off'} · "
-                     f"mmap {'on' if s.use_mmap else 'off'}"),
+        ("settings", settings),
         ("memory", f"est. {m.total_bytes / MIB:.0f} MiB of {chosen.budget_bytes / MIB:.0f} MiB budget "
                    f"(weights {m.weights_bytes / MIB:.0f} · KV {m.kv_bytes / MIB:.0f} · compute "
                    f"{m.compute_bytes / MIB:.0f} · overhead {m.overhead_bytes / MIB:.0f})"
