@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
-    from edge_runtime.store import resolve_model
+    from edge_runtime.model_spec import resolve_model
 
     model = str(resolve_model(args.model))
     tool = find_tool()

@@ -364,7 +364,7 @@ def main() -> None:
     ap.add_argument("--skip-llama-cpp-server", action="store_true")
     args = ap.parse_args()
 
-    from edge_runtime.store import resolve_model
+    from edge_runtime.model_spec import resolve_model
 
     path = str(resolve_model(args.model or "smollm2"))  # a .gguf path, a store name or "smollm2"
     import llama_cpp

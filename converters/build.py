@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from edge_runtime.artifact import FLOAT_TYPES
 from edge_runtime.errors import InvalidConfigError, ModelNotFoundError
 from edge_runtime.manifest import Manifest, ManifestArtifact
 
@@ -39,7 +40,6 @@ from .build_steps import (
 )
 
 RUNGS_PER_PROFILE = 2
-FLOAT_TYPES = ("F32", "F16", "BF16")
 
 OnEvent = Callable[[BuildEvent], None]
 
@@ -135,7 +135,8 @@ def _bits(qtype: str) -> float:
 def resolve_source(spec: str) -> tuple[Path, str]:
     """The source as a path (HF folder or GGUF file) and the model's name for file names."""
     from edge_runtime.manifest import has_manifest
-    from edge_runtime.store import find_artifacts, model_slug
+    from edge_runtime.store import model_slug
+    from edge_runtime.model_spec import find_artifacts
 
     path = Path(spec).expanduser()
     if path.is_dir():

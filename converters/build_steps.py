@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edge_runtime.artifact import FLOAT_TYPES
 from edge_runtime.errors import EdgeRuntimeError, InvalidConfigError
 from edge_runtime.manifest import Manifest, ManifestArtifact
 
@@ -94,7 +95,7 @@ def source_identity(src: Path) -> dict[str, Any]:
                 "sha256": st.hash_files(info.files, info.path), "architecture": info.hf_architecture,
                 "type": info.source_dtype, "quantized": False}
     header = read_gguf_header(src)
-    quantized = any(t.type_name not in ("F32", "F16", "BF16") for t in header.tensors if len(t.shape) >= 2)
+    quantized = any(t.type_name not in FLOAT_TYPES for t in header.tensors if len(t.shape) >= 2)
     return {"kind": "gguf", "path": str(src.resolve()), "name": src.name, "sha256": file_sha256(src),
             "architecture": header.architecture, "type": header.file_type_name, "quantized": quantized}
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import llama_cpp
 
+from edge_runtime.artifact import FLOAT_TYPES
 from edge_runtime.errors import InvalidConfigError, ModelLoadError, ModelNotFoundError
 from edge_runtime.gguf_file import read_gguf_header
 
@@ -59,7 +60,6 @@ QUANT_TYPES: dict[str, int] = {
     "IQ1_M": llama_cpp.LLAMA_FTYPE_MOSTLY_IQ1_M,
     "IQ1_S": llama_cpp.LLAMA_FTYPE_MOSTLY_IQ1_S,
 }
-FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})
 # Types whose low-bit tensors llama.cpp refuses to make without an importance matrix (it would
 # be garbage); edge-runtime does not compute one, so these are refused up front.
 NEEDS_IMATRIX = frozenset({"IQ3_XS", "IQ3_XXS", "Q2_K_S", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS",
@@ -117,7 +117,7 @@ def quantize_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], qtyp
         raise ModelNotFoundError(f"{source}: no such GGUF file")
     header = read_gguf_header(source)  # rejects damaged files before llama.cpp reads them
     source_type = header.file_type_name
-    quantized = any(t.type_name not in ("F32", "F16", "BF16") for t in header.tensors if len(t.shape) >= 2)
+    quantized = any(t.type_name not in FLOAT_TYPES for t in header.tensors if len(t.shape) >= 2)
     if quantized and not allow_requantize:
         raise InvalidConfigError(
             f"{source.name} is already quantized ({source_type}); re-quantizing loses quality twice",

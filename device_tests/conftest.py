@@ -57,7 +57,7 @@ def profile(device: Any) -> Any:
 def plan(options: SuiteOptions, device: Any, profile: Any) -> Any:
     """What ``edgert plan`` chooses for the model on this device."""
     from edge_runtime.planner import choose_plan
-    from edge_runtime.store import find_artifacts
+    from edge_runtime.model_spec import find_artifacts
 
     return choose_plan(find_artifacts(options.model), device, profile)
 

@@ -26,7 +26,7 @@ def load(model: str | None = None, settings: Settings | None = None, *, backend:
     from .backends import BACKENDS, backend_spec, load_backend
     from .backends.base import Settings
     from .errors import ModelNotFoundError
-    from .store import find_artifacts
+    from .model_spec import find_artifacts
 
     artifacts = find_artifacts(model)
     if backend is None:

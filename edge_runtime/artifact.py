@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+FLOAT_TYPES = ("F32", "F16", "BF16")  # the unquantized GGUF types (quant names and tensor types)
+
 
 @dataclass(frozen=True)
 class Artifact:

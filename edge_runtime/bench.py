@@ -148,7 +148,7 @@ def run_bench(request: BenchRequest, progress: BenchProgress | None = None) -> B
 
 
 def _artifacts(models: tuple[str | None, ...]) -> list[Any]:
-    from .store import find_artifacts
+    from .model_spec import find_artifacts
 
     found, seen = [], set()
     for spec in models or (None,):

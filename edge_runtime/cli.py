@@ -86,7 +86,7 @@ def make_plan(opts: dict[str, Any], profile_id: str | None = None, *, parallel: 
     from .device import detect
     from .planner import PlanRequest, choose_plan
     from .profiles import get_profile, match_profile
-    from .store import find_artifacts
+    from .model_spec import find_artifacts
 
     artifacts = find_artifacts(opts["model"])
     device = detect()

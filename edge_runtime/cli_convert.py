@@ -234,7 +234,7 @@ def eval_(artifact: str, reference: str | None, text: str | None, n_ctx: int, n_
 
     from .converters.evaluate import evaluate
     from .errors import InvalidConfigError
-    from .store import resolve_model
+    from .model_spec import resolve_model
 
     if text is None and reference is None:
         raise InvalidConfigError("nothing to measure: perplexity needs a text, KLD a reference",

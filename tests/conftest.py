@@ -24,14 +24,14 @@ def edgert_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
-    from edge_runtime.store import resolve_model
+    from edge_runtime.model_spec import resolve_model
 
     return resolve_model("smollm2")
 
 
 @pytest.fixture(scope="session")
 def gemma_path(edgert_home: Path) -> Path:
-    from edge_runtime.store import resolve_model
+    from edge_runtime.model_spec import resolve_model
 
     return resolve_model("gemma3-270m")
 

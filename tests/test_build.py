@@ -91,7 +91,7 @@ def test_two_profiles_build_their_rungs_with_quality_figures(two_profile_build):
 def test_the_build_is_in_the_store_and_the_planner_walks_its_ladder(two_profile_build):
     from edge_runtime.planner import choose_plan
     from edge_runtime.profiles import get_profile
-    from edge_runtime.store import find_artifacts
+    from edge_runtime.model_spec import find_artifacts
 
     _, result, _ = two_profile_build
     assert result.stored_as == "smollm2-135m-instruct"

@@ -102,7 +102,8 @@ def test_each_backend_runs_from_the_folder(three_formats, backend, edgert_cmd):
 
 
 def test_the_store_keeps_what_tflite_and_onnx_need(three_formats, edgert_cmd):
-    from edge_runtime.store import add_model, find_artifacts, store_root
+    from edge_runtime.store import add_model, store_root
+    from edge_runtime.model_spec import find_artifacts
 
     out, _, _ = three_formats
     stored = add_model(out, name="tiny-three-formats")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edge_runtime import store
+from edge_runtime import model_spec, store
 from edge_runtime.errors import InvalidConfigError, InvalidModelFileError, ModelNotFoundError
 from edge_runtime.manifest import Manifest, read_manifest, verify_manifest, write_manifest
 from edge_runtime.planner import choose_plan
@@ -79,7 +79,7 @@ def cli(*args: str):
 
 def test_a_convert_output_gives_every_artifact_and_the_planner_walks_the_ladder(tmp_path):
     folder = convert_output(tmp_path / "out")
-    found = store.find_artifacts(str(folder))
+    found = model_spec.find_artifacts(str(folder))
     assert [a.quant for a in found] == ["F16", "Q8_0", "Q4_0"]
     assert all(Path(a.path).is_file() and len(a.sha256) == 64 for a in found)
     device = machine(8, 6)
@@ -94,16 +94,16 @@ def test_add_list_show_and_find_by_name(tmp_path):
     folder = convert_output(tmp_path / "out")
     manifest = store.add_model(folder)
     assert manifest.model == "tiny" and manifest.folder == store.store_root() / "tiny"
-    stored = store.find_artifacts("tiny")
+    stored = model_spec.find_artifacts("tiny")
     assert [a.quant for a in stored] == ["F16", "Q8_0", "Q4_0"]
     assert all(Path(a.path).parent == store.store_root() / "tiny" for a in stored)
     # Same filesystem: hard links, not copies.
     assert os.stat(stored[1].path).st_ino == os.stat(folder / "tiny-Q8_0.gguf").st_ino
-    assert [a.quant for a in store.find_artifacts("tiny:q8_0")] == ["Q8_0"]
-    assert store.resolve_model("tiny").name == "tiny-Q8_0.gguf"  # the first quantized artifact
-    assert store.resolve_model("tiny:F16").name == "tiny-F16.gguf"
+    assert [a.quant for a in model_spec.find_artifacts("tiny:q8_0")] == ["Q8_0"]
+    assert model_spec.resolve_model("tiny").name == "tiny-Q8_0.gguf"  # the first quantized artifact
+    assert model_spec.resolve_model("tiny:F16").name == "tiny-F16.gguf"
     with pytest.raises(ModelNotFoundError, match="no Q2_K"):
-        store.find_artifacts("tiny:Q2_K")
+        model_spec.find_artifacts("tiny:Q2_K")
     rows = [e for e in store.list_models(with_sha256=False) if e.kind == "store"]
     assert [(e.name, e.quant) for e in rows] == [("tiny", "F16"), ("tiny", "Q8_0"), ("tiny", "Q4_0")]
     res = cli("models", "list")
@@ -123,7 +123,7 @@ def test_add_a_single_gguf_file_copies_and_hashes_it(tmp_path):
     stored = store.store_root() / "solo-model" / path.name
     assert os.stat(stored).st_ino != os.stat(path).st_ino  # --copy
     assert data["artifacts"][0]["sha256"] == store.file_sha256(path)
-    assert store.find_artifacts("solo-model")[0].path == str(stored)
+    assert model_spec.find_artifacts("solo-model")[0].path == str(stored)
 
 
 def test_verify_detects_a_flipped_byte(tmp_path):
@@ -149,7 +149,7 @@ def test_a_hand_edited_manifest_is_reported_never_used(tmp_path):
     entry = store.store_root() / "tiny"
     edit_manifest(entry, lambda d: d["artifacts"][2].update(quant="Q8_0"), fix_digest=False)
     with pytest.raises(InvalidConfigError, match="edited by hand or damaged"):
-        store.find_artifacts("tiny")
+        model_spec.find_artifacts("tiny")
     [row] = [e for e in store.list_models(with_sha256=False) if e.kind == "store"]
     assert row.error and "digest" in row.error
     res = cli("models", "show", "tiny")
@@ -179,11 +179,11 @@ def test_bad_json_and_a_missing_artifact_are_reported(tmp_path):
     folder = convert_output(tmp_path / "out")
     (folder / "tiny-Q4_0.gguf").unlink()
     with pytest.raises(InvalidConfigError, match="tiny-Q4_0.gguf is missing"):
-        store.find_artifacts(str(folder))
+        model_spec.find_artifacts(str(folder))
     assert [c.status for c in verify_manifest(read_manifest(folder, check_files=False))] == ["ok", "ok", "missing"]
     (folder / "manifest.json").write_text("{not json")
     with pytest.raises(InvalidConfigError, match="not valid JSON"):
-        store.find_artifacts(str(folder))
+        model_spec.find_artifacts(str(folder))
     res = cli("models", "add", str(folder))
     assert res.exit_code == 1 and "not valid JSON" in res.stderr
     assert not store.store_root().exists() or store.store_names() == []
@@ -204,7 +204,7 @@ def test_add_refuses_a_folder_whose_files_do_not_match(tmp_path):
 def test_re_adding_replaces_the_entry_whole_and_rm_removes_it(tmp_path):
     store.add_model(convert_output(tmp_path / "a", types=(Q.F16, Q.Q8_0)))
     store.add_model(convert_output(tmp_path / "b", types=(Q.Q4_0,)))
-    assert [a.quant for a in store.find_artifacts("tiny")] == ["Q4_0"]
+    assert [a.quant for a in model_spec.find_artifacts("tiny")] == ["Q4_0"]
     assert sorted(p.name for p in (store.store_root() / "tiny").iterdir()) == ["manifest.json", "tiny-Q4_0.gguf"]
     res = cli("models", "rm", "tiny", "--json")
     assert res.exit_code == 0 and json.loads(res.stdout)["removed"] == "tiny"
@@ -225,7 +225,7 @@ def test_store_names_are_checked(tmp_path):
 def test_a_folder_without_a_manifest_and_unknown_names_are_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InvalidModelFileError, match="without a manifest.json"):
-        store.find_artifacts(str(tmp_path / "empty"))
+        model_spec.find_artifacts(str(tmp_path / "empty"))
     with pytest.raises(ModelNotFoundError, match="unknown model 'nope'"):
-        store.find_artifacts("nope")
-    assert store.find_artifacts(None)[0].quant == "Q4_1"  # still the embedded default
+        model_spec.find_artifacts("nope")
+    assert model_spec.find_artifacts(None)[0].quant == "Q4_1"  # still the embedded default

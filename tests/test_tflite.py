@@ -378,7 +378,7 @@ def test_cli_run_and_piped_chat_on_a_convert_folder(tflite_f32, f32_model, tmp_p
 
 
 def test_cli_run_on_a_tflite_file(tflite_f32, f32_model, edgert_cmd):
-    from edge_runtime.store import find_artifacts
+    from edge_runtime.model_spec import find_artifacts
 
     found = find_artifacts(str(tflite_f32))
     assert found[0].format == "tflite" and found[0].n_ctx_train == KV_LEN

@@ -148,7 +148,7 @@ def smollm2_tokenizer(rules: str = "smollm"):
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
     from edge_runtime.gguf_file import read_gguf_header
-    from edge_runtime.store import resolve_model
+    from edge_runtime.model_spec import resolve_model
 
     keys = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type")
     header = read_gguf_header(resolve_model("smollm2"), keep_arrays=keys)
