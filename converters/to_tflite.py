@@ -219,8 +219,9 @@ def _fast_tokenizer_from_sentencepiece(src: Path) -> bytes:
         return fast.backend_tokenizer.to_str().encode("utf-8")
     except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidModelFileError(f"{src}: no {TOKENIZER_FILE}, and tokenizer.model could not be converted ({first})",
-                                    "save a fast tokenizer (tokenizer.json) beside the weights") from None
+        raise InvalidModelFileError(
+            f"{src}: no {TOKENIZER_FILE}, and tokenizer.model could not be converted ({first})",
+            "save a fast tokenizer (tokenizer.json) beside the weights") from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
