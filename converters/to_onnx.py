@@ -129,7 +129,7 @@ def check_source(src: Path) -> tuple[str, int, int]:
 def _run_builder(src: Path, out: Path, cache: Path, precision: str, provider: str,
                  progress: Progress | None, n_layer: int) -> tuple[str, ...]:
     """Run the builder in a child process; return its warnings, raise with its last words."""
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out),
+    cmd = [sys.executable, "-m", "edge_runtime.converters.onnx_builder", "-i", str(src), "-o", str(out),
            "-p", precision, "-e", provider, "-c", str(cache),
            "--extra_options", "hf_token=false", "hf_remote=false"]
     # Offline always: a local folder needs nothing from the Hub, and nothing may be fetched.

@@ -59,6 +59,7 @@ class OnnxFolder:
     n_vocab: int
     hidden_size: int
     max_length: int  # the longest sequence the config allows (the model's context)
+    sliding_window: int  # window of the sliding-window layers (Gemma 3), 0 without them
     bos_id: int | None
     eos_ids: tuple[int, ...]
     providers: tuple[str, ...]  # execution providers the model was built for ("cuda", ...)
@@ -73,9 +74,14 @@ class OnnxFolder:
     def weights_bytes(self) -> int:
         return self.decoder_file.stat().st_size + sum(f.stat().st_size for f in self.data_files)
 
+    def cache_positions(self, n_ctx: int) -> int:
+        """Positions a generator's KV cache holds for a context of ``n_ctx``: genai refuses one
+        smaller than the sliding window of a model that has one."""
+        return max(n_ctx, min(self.sliding_window, self.max_length))
+
     def kv_cache_bytes(self, n_ctx: int) -> int:
         """K and V of every layer for ``n_ctx`` positions (genai allocates them all up front)."""
-        return self.n_layer * self.n_kv_heads * self.head_size * 2 * n_ctx * self.kv_bytes
+        return self.n_layer * self.n_kv_heads * self.head_size * 2 * self.cache_positions(n_ctx) * self.kv_bytes
 
 
 def read_onnx_folder(path: str | Path) -> OnnxFolder:
@@ -94,6 +100,7 @@ def read_onnx_folder(path: str | Path) -> OnnxFolder:
         max_length = int(config.get("search", {}).get("max_length") or model["context_length"])
         n_vocab = int(model["vocab_size"])
         hidden_size = int(decoder.get("hidden_size") or n_kv * head_size)
+        sliding_window = int((decoder.get("sliding_window") or {}).get("window_size") or 0)
         provider_options = decoder.get("session_options", {}).get("provider_options", [])
         providers = tuple(name for entry in provider_options for name in entry)
     except (KeyError, TypeError, ValueError) as exc:
@@ -116,7 +123,7 @@ def read_onnx_folder(path: str | Path) -> OnnxFolder:
     return OnnxFolder(
         path=folder, decoder_file=decoder_file, data_files=data_files, arch=str(model.get("type") or "unknown"),
         n_layer=n_layer, n_kv_heads=n_kv, head_size=head_size, n_vocab=n_vocab, hidden_size=hidden_size,
-        max_length=max_length,
+        max_length=max_length, sliding_window=sliding_window,
         bos_id=bos if isinstance(bos, int) else None, eos_ids=eos_ids, providers=providers,
         # The builder keeps the KV cache in the model's I/O type: float32 on CPU, float16 on GPUs.
         kv_bytes=int(sidecar.get("kv_bytes") or (2 if providers else 4)),

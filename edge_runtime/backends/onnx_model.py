@@ -147,7 +147,8 @@ class OnnxSlot:
         kept = min(self.prefix.common_length(tokens), len(tokens) - 1)
         if self._seq is None:
             # A generator allocates its whole KV cache up front: made once, then rewound.
-            self._seq = native.GenaiSequence(self._model.og_model, self._model.info.n_ctx)
+            self._seq = native.GenaiSequence(self._model.og_model,
+                                             self._model.folder.cache_positions(self._model.info.n_ctx))
             kept = 0
         else:
             self._seq.rewind_to(kept)
@@ -317,7 +318,7 @@ class OnnxModel:
         generator of its own (the slots' caches are left as they are).
         """
         tokens = self.check_prompt(tokens)
-        seq = native.GenaiSequence(self.og_model, self.info.n_ctx)
+        seq = native.GenaiSequence(self.og_model, self.folder.cache_positions(self.info.n_ctx))
         for pos in range(0, len(tokens), PREFILL_CHUNK):
             chunk = tokens[pos:pos + PREFILL_CHUNK]
             seq.append(chunk)
