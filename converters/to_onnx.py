@@ -1,6 +1,7 @@
 """Hugging Face folder (or GGUF) → an ONNX decoder with KV cache, through onnxruntime-genai's builder.
 
-The builder (``python -m onnxruntime_genai.models.builder``) runs in a child process: it loads
+The builder (``onnxruntime_genai.models.builder``, started through ``onnx_builder.py``, which
+fixes how it reads Gemma 3 configs) runs in a child process: it loads
 the whole checkpoint with torch, and its memory and any crash stay out of the caller. It writes
 into a temporary folder beside the destination, which is checked, completed (chat template,
 what we know about the artifact) and renamed into place: an interrupted conversion leaves no
