@@ -61,7 +61,7 @@ class LlamaScorer:
 
         from edge_runtime.backends import _llama_native as native
         from edge_runtime.backends.base import Settings
-        from edge_runtime.backends.llamacpp import default_threads
+        from edge_runtime.backends.base import default_threads
         from edge_runtime.errors import ModelLoadError
         from edge_runtime.gguf_file import read_gguf_header
 

@@ -135,6 +135,8 @@ def test_prompt_longer_than_the_context_is_an_error_before_streaming(smollm2):
     assert info.value.n_ctx == 2048 and info.value.n_tokens == 4096
     with pytest.raises(EdgeRuntimeError):
         smollm2.generate([], GREEDY)
+    with pytest.raises(EdgeRuntimeError, match="outside the vocabulary"):
+        smollm2.generate([1, smollm2.info.n_vocab], GREEDY)
 
 
 def test_generation_stops_at_the_end_of_the_context(smollm2_path):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Protocol
+
+from ..errors import ContextLengthExceededError, EdgeRuntimeError
 
 
 @dataclass(frozen=True)
@@ -206,3 +209,25 @@ class EvaluatedPrefix:
         while i < n and self.tokens[i] == tokens[i]:
             i += 1
         return i
+
+
+def default_threads() -> int:
+    """Physical cores, every backend's default: decoding is memory-bound and SMT siblings only
+    contend."""
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def check_prompt(tokens: Sequence[int], info: ModelInfo, hint: str | None = None) -> list[int]:
+    """The prompt as a list. An empty one, one that does not fit the context (``hint`` says what
+    to do about that) or one with a token outside the vocabulary raises, before any work."""
+    tokens = list(tokens)
+    if not tokens:
+        raise EdgeRuntimeError("the prompt is empty", "give the model at least one token")
+    if len(tokens) >= info.n_ctx:
+        raise ContextLengthExceededError(len(tokens), info.n_ctx, hint)
+    bad = next((t for t in tokens if not 0 <= t < info.n_vocab), None)
+    if bad is not None:
+        raise EdgeRuntimeError(f"token {bad} is outside the vocabulary (0..{info.n_vocab - 1})")
+    return tokens

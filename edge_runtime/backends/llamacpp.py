@@ -9,12 +9,11 @@ differs (prefix reuse).
 from __future__ import annotations
 
 import ctypes
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import ClassVar
 
-from ..errors import ContextLengthExceededError, EdgeRuntimeError, GenerationError
+from ..errors import GenerationError
 from . import _llama_native as native
 from .base import (
     Availability,
@@ -23,6 +22,8 @@ from .base import (
     SamplingParams,
     Settings,
     TokenEvent,
+    check_prompt,
+    default_threads,
 )
 from .llamacpp_batch import BatchScheduler, SlotPool
 
@@ -38,13 +39,6 @@ def probe() -> Availability:
         devices=("CPU", "GPU") if gpu else ("CPU",),
         gpu_offload=gpu,
     )
-
-
-def default_threads() -> int:
-    """Physical cores: llama.cpp's decode is memory-bound and SMT siblings only contend."""
-    import psutil
-
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 class LlamaCppBackend:
@@ -115,13 +109,8 @@ class LlamaCppModel:
     # -- generation ------------------------------------------------------------------------
 
     def check_prompt(self, tokens: Sequence[int]) -> list[int]:
-        """The prompt as a list; an empty one or one that does not fit the context raises."""
-        tokens = list(tokens)
-        if not tokens:
-            raise EdgeRuntimeError("the prompt is empty", "give the model at least one token")
-        if len(tokens) >= self.info.n_ctx:
-            raise ContextLengthExceededError(len(tokens), self.info.n_ctx)
-        return tokens
+        """The prompt as a list; see ``base.check_prompt`` for what raises."""
+        return check_prompt(tokens, self.info)
 
     def generate(
         self,

@@ -9,7 +9,6 @@ Generation runs on the consumer's thread; slots let a server run several convers
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -17,21 +16,24 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..errors import ContextLengthExceededError, EdgeRuntimeError, GenerationError, ModelLoadError, SlotsBusyError
+from ..errors import GenerationError, ModelLoadError, SlotsBusyError
 from . import _onnx_native as native
-from .base import CancelToken, EvaluatedPrefix, GenerationStats, ModelInfo, SamplingParams, Settings, TokenEvent
+from .base import (
+    CancelToken,
+    EvaluatedPrefix,
+    GenerationStats,
+    ModelInfo,
+    SamplingParams,
+    Settings,
+    TokenEvent,
+    check_prompt,
+    default_threads,
+)
 from .onnx import PREFILL_CHUNK, OnnxFolder, read_onnx_folder
 from .text import StreamingText
 
 # End-of-turn tokens chat models emit besides their EOS (llama.cpp stops on these too).
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>", "</s>")
-
-
-def default_threads() -> int:
-    """Physical cores: decoding is memory-bound and SMT siblings only contend."""
-    import psutil
-
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 class OnnxTokenizer:
@@ -282,16 +284,8 @@ class OnnxModel:
     # -- generation ------------------------------------------------------------------------
 
     def check_prompt(self, tokens: Sequence[int]) -> list[int]:
-        """The prompt as a list; an empty one or one that does not fit the context raises."""
-        tokens = list(tokens)
-        if not tokens:
-            raise EdgeRuntimeError("the prompt is empty", "give the model at least one token")
-        if len(tokens) >= self.info.n_ctx:
-            raise ContextLengthExceededError(len(tokens), self.info.n_ctx)
-        bad = next((t for t in tokens if not 0 <= t < self.info.n_vocab), None)
-        if bad is not None:
-            raise EdgeRuntimeError(f"token {bad} is outside the vocabulary (0..{self.info.n_vocab - 1})")
-        return tokens
+        """The prompt as a list; see ``base.check_prompt`` for what raises."""
+        return check_prompt(tokens, self.info)
 
     def generate(self, tokens: Sequence[int], params: SamplingParams, *,
                  cancel: CancelToken | None = None) -> Iterator[TokenEvent]:

@@ -12,7 +12,6 @@ One sequence per model: ``generate`` raises while another generation runs, and
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -35,19 +34,14 @@ from .base import (
     SamplingParams,
     Settings,
     TokenEvent,
+    check_prompt,
+    default_threads,
 )
 from .hf_tokenizer import HFTokenizer
 from .sampling import new_rng, sample_token
 from .text import StreamingText
 from .tflite_engine import INSTALL_HINT, find_runtime, open_engine
 from .tflite_signatures import DECODE, PREFILL_PREFIX, read_tflite_layout, sidecar_path
-
-
-def default_threads() -> int:
-    """Physical cores: decode is memory-bound and SMT siblings only contend."""
-    import psutil
-
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 def plan_chunks(n_tokens: int, pos: int, lengths: Sequence[int], kv_len: int) -> list[tuple[str, int, int]]:
@@ -143,16 +137,9 @@ class TfliteModel:
     # -- generation ------------------------------------------------------------------------
 
     def check_prompt(self, tokens: Sequence[int]) -> list[int]:
-        """The prompt as a list; an empty one or one that does not fit the context raises."""
-        tokens = list(tokens)
-        if not tokens:
-            raise EdgeRuntimeError("the prompt is empty", "give the model at least one token")
-        if len(tokens) >= self.info.n_ctx:
-            raise ContextLengthExceededError(
-                len(tokens), self.info.n_ctx,
-                f"shorten the prompt; this TFLite model's KV cache holds {self.layout.kv_len} tokens "
-                "(convert it again with a larger kv_cache_max_len for more)")
-        return tokens
+        """The prompt as a list; see ``base.check_prompt`` for what raises."""
+        return check_prompt(tokens, self.info, f"shorten the prompt; this TFLite model's KV cache holds "
+                            f"{self.layout.kv_len} tokens (convert it again with a larger kv_cache_max_len for more)")
 
     def generate(self, tokens: Sequence[int], params: SamplingParams, *,
                  cancel: CancelToken | None = None) -> Iterator[TokenEvent]:
