@@ -57,7 +57,7 @@ class VocabSpec:
 
 def read_vocab(folder: Path, n_vocab: int) -> VocabSpec:
     """Read and check the tokenizer files of ``folder`` for a model with ``n_vocab`` rows."""
-    config = _read_json(folder / "tokenizer_config.json") or {}
+    config = read_json_object(folder / "tokenizer_config.json") or {}
     if (folder / TOKENIZER_MODEL).is_file():
         return _sentencepiece_vocab(folder, n_vocab, config)
     if (folder / TOKENIZER_JSON).is_file():
@@ -87,7 +87,8 @@ def looks_special(text: str) -> bool:
         text.startswith("<unused") and text.endswith(">"))
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """A JSON object from ``path``; None when the file is absent, an error when it is not an object."""
     if not path.is_file():
         return None
     try:
@@ -117,7 +118,7 @@ def _bpe_vocab(folder: Path, n_vocab: int, config: dict[str, Any]) -> VocabSpec:
     from tokenizers import Tokenizer
 
     path = folder / TOKENIZER_JSON
-    tj = _read_json(path) or {}
+    tj = read_json_object(path) or {}
     model = tj.get("model") or {}
     decoder = tj.get("decoder") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
@@ -213,7 +214,7 @@ def _sentencepiece_vocab(folder: Path, n_vocab: int, config: dict[str, Any]) -> 
         types[i] = (TokenType.UNKNOWN if sp.IsUnknown(i) else TokenType.CONTROL if sp.IsControl(i)
                     else TokenType.UNUSED if sp.IsUnused(i) else TokenType.BYTE if sp.IsByte(i)
                     else TokenType.NORMAL)
-    for text, i in (_read_json(folder / "added_tokens.json") or {}).items():
+    for text, i in (read_json_object(folder / "added_tokens.json") or {}).items():
         if isinstance(i, int) and 0 <= i < n_vocab:
             tokens[i], scores[i], types[i] = text, -1000.0, TokenType.USER_DEFINED
     for key, entry in (config.get("added_tokens_decoder") or {}).items():

@@ -29,7 +29,7 @@ from edge_runtime.errors import InvalidConfigError, InvalidModelFileError, Model
 
 from . import safetensors_source as st
 from .gguf_arch import GGUFArch, HParams
-from .gguf_vocab import TOKENIZER_FILES, VocabSpec, read_vocab, write_vocab
+from .gguf_vocab import TOKENIZER_FILES, VocabSpec, read_json_object, read_vocab, write_vocab
 from .registry import converter_for
 from .registry import supported_architectures as _supported
 from .tensor_names import TensorName
@@ -148,7 +148,7 @@ def check_source(src: str | os.PathLike[str]) -> SourceInfo:
         path=folder, hf_architecture=hf_arch, arch=arch.arch_name, hparams=hp, tensors=tuple(tensors),
         vocab=vocab, files=tuple(extra + ([index] if index.is_file() else []) + shards),
         name=str(config.get("_name_or_path") or folder.name).rstrip("/").split("/")[-1] or folder.name,
-        source_dtype="+".join(dtypes), generation=_load_json(folder / "generation_config.json") or {},
+        source_dtype="+".join(dtypes), generation=read_json_object(folder / "generation_config.json") or {},
         converter=arch,
     )
 
@@ -252,20 +252,8 @@ def _order_key(entry: TensorName, bid: int | None, arch: GGUFArch) -> tuple[int,
     return (0 if entry.kind is MODEL_TENSOR.TOKEN_EMBD else 2, 0, index)
 
 
-def _load_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise InvalidModelFileError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise InvalidModelFileError(f"{path}: expected a JSON object")
-    return data
-
-
 def _load_config(folder: Path) -> dict[str, Any]:
-    config = _load_json(folder / "config.json")
+    config = read_json_object(folder / "config.json")
     if config is None:
         raise ModelNotFoundError(f"{folder}: no config.json", "is this a Hugging Face model folder?")
     return config
