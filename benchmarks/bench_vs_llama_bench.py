@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -33,41 +32,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from edge_runtime.backends.base import default_threads
+from executables import find_edgert, find_llama_tool
+
 DECODE_DEPTH = 16  # edgert's decode prompt; llama-bench's -d
-
-
-def find_llama_bench(explicit: str | None) -> str | None:
-    """``--llama-bench``, else ``llama-bench`` on PATH, else ./bin/llama-bench."""
-    if explicit:
-        return explicit
-    found = shutil.which("llama-bench")
-    if found:
-        return found
-    local = REPO_ROOT / "bin" / "llama-bench"
-    return str(local) if local.exists() and os.access(local, os.X_OK) else None
-
-
-def find_edgert(explicit: str | None = None) -> str:
-    """``--edgert``, else the ``edgert`` beside this Python (the venv's), else the one on PATH."""
-    if explicit:
-        return explicit
-    beside = Path(sys.executable).with_name("edgert")
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("edgert")
-    if found is None:
-        sys.exit("bench_vs_llama_bench.py: no `edgert` beside this Python or on PATH; install the package")
-    return found
-
-
-def physical_cores() -> int:
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        return os.cpu_count() or 1
 
 
 def run_edgert(model: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -107,7 +75,7 @@ def median(values: list[float]) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", help="GGUF file or model name (default: smollm2)")
-    parser.add_argument("--threads", type=int, default=physical_cores(), help="threads (default: physical cores)")
+    parser.add_argument("--threads", type=int, default=default_threads(), help="threads (default: physical cores)")
     parser.add_argument("--reps", type=int, default=5, help="repetitions inside each tool (default 5)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of both tools (default 3)")
     parser.add_argument("--pp", type=int, default=512, help="prompt tokens (default 512)")
@@ -119,7 +87,7 @@ def main() -> int:
     from edge_runtime.model_spec import resolve_model
 
     model = str(resolve_model(args.model))
-    binary = find_llama_bench(args.llama_bench)
+    binary = find_llama_tool("llama-bench", args.llama_bench)
     load_before = os.getloadavg()[0]
     native_pp: list[float] = []
     native_tg: list[float] = []

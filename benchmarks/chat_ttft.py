@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_runtime.backends.base import default_threads
+
 MESSAGES = (
     "Hi! I am planning a trip to Italy next spring. Can you help me?",
     "Which city should I visit first?",
@@ -52,16 +54,6 @@ class TurnTiming:
     prompt_tokens: int
     evaluated_tokens: int
     answer: str
-
-
-def physical_cores() -> int:
-    """Physical cores, the thread count edgert itself picks by default."""
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        return os.cpu_count() or 1
 
 
 def run_turn(session: Any, text: str) -> TurnTiming:
@@ -113,7 +105,7 @@ def run_conversations(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="GGUF file or store name (default: embedded SmolLM2)")
-    parser.add_argument("--threads", type=int, default=physical_cores(), help="threads (default: physical cores)")
+    parser.add_argument("--threads", type=int, default=default_threads(), help="threads (default: physical cores)")
     parser.add_argument("--ctx", type=int, default=2048, help="context size (default 2048)")
     parser.add_argument("--max-tokens", type=int, default=48, help="most tokens per answer (default 48)")
     parser.add_argument("--turns", type=int, default=len(MESSAGES), choices=range(2, len(MESSAGES) + 1),

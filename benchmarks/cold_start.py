@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
+
+from executables import find_edgert
 
 TARGET_S = 1.5
 RUN_PATH_IMPORTS = (
@@ -47,17 +47,6 @@ class ImportLine:
     cumulative_us: int
     module: str  # with its nesting indentation stripped
     depth: int
-
-
-def find_edgert() -> str:
-    """The ``edgert`` next to this interpreter (the venv's), else the one on PATH."""
-    beside = Path(sys.executable).with_name("edgert")
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("edgert")
-    if found is None:
-        sys.exit("cold_start.py: no `edgert` found beside this Python or on PATH; install the package")
-    return found
 
 
 def time_first_byte(command: list[str]) -> ColdRun:

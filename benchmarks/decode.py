@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from edge_runtime.backends.base import default_threads
+from executables import find_edgert, find_llama_tool
+
 LIBRARY, COMPLETION, TUNED = "edgert generate (lib)", "create_completion", "create_completion, tuned"
 DEFAULT_PROMPT = (
     "The following is a detailed history of the city of Rome, from its legendary founding to "
@@ -57,38 +58,6 @@ class Sample:
     prompt_tokens: int | None = None
     text: str | None = None
     reported_tok_s: float | None = None  # the backend's own figure, where there is one
-
-
-def physical_cores() -> int:
-    """Physical cores, the thread count edgert itself picks by default."""
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        return os.cpu_count() or 1
-
-
-def find_edgert() -> str:
-    """The ``edgert`` next to this interpreter (the venv's), else the one on PATH."""
-    beside = Path(sys.executable).with_name("edgert")
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("edgert")
-    if found is None:
-        sys.exit("decode.py: no `edgert` found beside this Python or on PATH; install the package")
-    return found
-
-
-def find_llama_bench(explicit: str | None) -> str | None:
-    """A ``llama-bench`` binary: --llama-bench, PATH, or ./bin/llama-bench."""
-    if explicit:
-        return explicit
-    found = shutil.which("llama-bench")
-    if found:
-        return found
-    local = REPO_ROOT / "bin" / "llama-bench"
-    return str(local) if local.exists() and os.access(local, os.X_OK) else None
 
 
 def parse_stats_line(stderr: str) -> dict[str, float]:
@@ -348,7 +317,7 @@ def print_report(args: argparse.Namespace, model: str, prompt_tokens: int, n_bat
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="GGUF file or store name (default: embedded SmolLM2)")
-    parser.add_argument("--threads", type=int, default=physical_cores(), help="threads (default: physical cores)")
+    parser.add_argument("--threads", type=int, default=default_threads(), help="threads (default: physical cores)")
     parser.add_argument("--tokens", type=int, default=128, help="tokens to generate (default 128)")
     parser.add_argument("--reps", type=int, default=5, help="timed rounds (default 5)")
     parser.add_argument("--ctx", type=int, default=2048, help="context size (default 2048)")
@@ -378,7 +347,7 @@ def main() -> int:
     tuned.run()
     prompt_tokens = first.prompt_tokens or 0
     runners: list[Any] = [edgert, library, high_level, tuned]
-    binary = find_llama_bench(args.llama_bench)
+    binary = find_llama_tool("llama-bench", args.llama_bench)
     if binary:
         runners.append(LlamaBenchRunner(binary, model, args, n_batch, depth=prompt_tokens))
 

@@ -22,24 +22,16 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from executables import find_llama_tool
+
 REPO = Path(__file__).resolve().parent.parent
 TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 CONFIGS = ((128, 128), (128, None), (512, None))  # (n_ctx, n_batch for llama-perplexity; None = default)
-
-
-def find_tool() -> str | None:
-    """``llama-perplexity`` on PATH, else ``./bin/llama-perplexity``."""
-    found = shutil.which("llama-perplexity")
-    if found:
-        return found
-    local = REPO / "bin" / "llama-perplexity"
-    return str(local) if local.exists() else None
 
 
 def run_llama(tool: str, model: str, text: Path, n_ctx: int, n_batch: int | None, chunks: int,
@@ -80,7 +72,7 @@ def main() -> None:
     from edge_runtime.model_spec import resolve_model
 
     model = str(resolve_model(args.model))
-    tool = find_tool()
+    tool = find_llama_tool("llama-perplexity")
     print(f"model {Path(model).name} · text {args.text.name} · {args.chunks} windows · "
           f"{args.threads} threads · load average {os.getloadavg()[0]:.2f}")
     if tool is None:
