@@ -53,6 +53,15 @@ def shakespeare() -> str:
 
 
 @pytest.fixture(scope="session")
+def shakespeare_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 30k characters of tinyshakespeare as a file (read from ../shared, never copied
+    into the repo)."""
+    path = tmp_path_factory.mktemp("text") / "shakespeare-slice.txt"
+    path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:30_000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
 def edgert_cmd() -> list[str]:
     """The installed console script, run as a real process."""
     exe = Path(sys.executable).with_name("edgert")

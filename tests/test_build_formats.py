@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import SHAKESPEARE
 from edge_runtime.manifest import read_manifest, verify_manifest
 
 MISSING = [m for m in ("litert_torch", "ai_edge_litert", "onnxruntime_genai", "onnx")
@@ -36,16 +35,9 @@ def _convert(src: Path, out: Path, text: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def text_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "shakespeare-slice.txt"
-    path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def three_formats(tiny_llama_dir: Path, text_slice: Path, tmp_path_factory: pytest.TempPathFactory):
+def three_formats(tiny_llama_dir: Path, shakespeare_slice: Path, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("formats") / "tiny"
-    return out, _convert(tiny_llama_dir, out, text_slice), text_slice
+    return out, _convert(tiny_llama_dir, out, shakespeare_slice), shakespeare_slice
 
 
 def test_one_build_writes_all_three_formats(three_formats):
@@ -118,11 +110,11 @@ def test_the_store_keeps_what_tflite_and_onnx_need(three_formats, edgert_cmd):
         assert res.returncode == 0, res.stderr
 
 
-def test_without_gguf_the_first_formats_base_is_the_quality_reference(tiny_llama_dir, text_slice, tmp_path):
+def test_without_gguf_the_first_formats_base_is_the_quality_reference(tiny_llama_dir, shakespeare_slice, tmp_path):
     from edge_runtime.converters.build import BuildRequest, build
 
     request = BuildRequest(source=str(tiny_llama_dir), out=str(tmp_path / "onnx-only"), formats=("onnx",),
-                           quants=("int8",), text=str(text_slice), n_ctx=64, n_chunks=2, threads=2,
+                           quants=("int8",), text=str(shakespeare_slice), n_ctx=64, n_chunks=2, threads=2,
                            add_to_store=False)
     result = build(request)
     artifacts = {a.quant: a for a in result.manifest.artifacts}

@@ -10,19 +10,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import SHAKESPEARE
 from edge_runtime.converters import evaluate as ev
 from edge_runtime.errors import InvalidConfigError
 
 N_CTX = 128
-
-
-@pytest.fixture(scope="session")
-def shakespeare_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The first 30k characters of tinyshakespeare (read from ../shared, never copied into the repo)."""
-    path = tmp_path_factory.mktemp("text") / "shakespeare-slice.txt"
-    path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:30_000], encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="session")
