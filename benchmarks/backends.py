@@ -23,8 +23,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from prose import prose_file
+
 REPO = Path(__file__).resolve().parent.parent
-TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 MIB = 1 << 20
 WANTED = (("gguf", "Q8_0"), ("tflite", "int8"), ("onnx", "int8"))
 
@@ -39,8 +40,7 @@ def edgert(*args: str) -> subprocess.CompletedProcess[str]:
 
 def convert(args: argparse.Namespace) -> dict:
     """The manifest of the three-format build (built once, then reused by `edgert convert`)."""
-    text = Path(tempfile.mkdtemp()) / "text.txt"
-    text.write_text(TEXT.read_text(encoding="utf-8")[: args.text_chars], encoding="utf-8")
+    text = prose_file(args.text_chars)
     res = edgert("convert", args.model, "--format", "gguf,tflite,onnx", "--outtype", "f32", "--quant", "Q8_0,int8",
                  "--text", str(text), "--ctx", str(args.eval_ctx), "--chunks", str(args.chunks),
                  "--threads", str(args.threads), "--out", str(args.out), "--no-store", "--json")
@@ -90,7 +90,7 @@ def main() -> None:
     print(f"\nmodel {manifest['model']} · {args.threads} threads · {args.gen_tokens} tokens decoded · "
           f"{args.reps} reps · load {load_before:.2f} → {os.getloadavg()[0]:.2f}")
     print(f"quality vs {ev.get('method', '?').split(' vs ')[-1]} on {ev.get('n_chunks')} windows of "
-          f"{ev.get('n_ctx')} tokens of tinyshakespeare (perplexity of the reference: "
+          f"{ev.get('n_ctx')} tokens of the Python documentation (perplexity of the reference: "
           f"{fmt(by_key.get(('gguf', 'F32'), {}).get('quality', {}).get('ppl'), '.3f')})\n")
     head = ["backend", "artifact", "MiB", "decode tok/s", "prefill tok/s",
             *[f"TTFT@{n} ms" for n in lengths], "load s", "peak RSS MiB", "ppl", "KLD", "top-1"]

@@ -14,7 +14,8 @@ each took, and llama-perplexity's running value after each window. Configuration
 - ``-c 512`` (llama-perplexity's default context) with its default batch (4 windows per batch).
 
 Target: equal to ~4 decimal places (ratio 1.0000). The script reports; it never fails on a miss.
-Text: ``../shared/data/tinyshakespeare.txt`` (tokenized whole, as llama-perplexity does).
+Text: ``--text FILE``, else the Python documentation every installation carries
+(``pydoc_data.topics``); tokenized whole, as llama-perplexity does.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ import time
 from pathlib import Path
 
 from executables import find_llama_tool
+from prose import prose_file
 
 REPO = Path(__file__).resolve().parent.parent
-TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 CONFIGS = ((128, 128), (128, None), (512, None))  # (n_ctx, n_batch for llama-perplexity; None = default)
 
 
@@ -64,10 +65,11 @@ def run_ours(model: str, text: Path, n_ctx: int, chunks: int, threads: int) -> t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", help="a .gguf file or a model name (default: smollm2)")
-    parser.add_argument("--text", type=Path, default=TEXT)
+    parser.add_argument("--text", type=Path, default=None, help="default: the Python documentation")
     parser.add_argument("--chunks", type=int, default=8, help="windows per configuration")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    args.text = args.text or prose_file()
 
     from edge_runtime.model_spec import resolve_model
 

@@ -1,6 +1,6 @@
 """The TFLite and ONNX part of the per-profile build (``build.py`` does GGUF and calls this).
 
-Each format has its own type names (INTERFACE.md): GGUF ``Q4_0``, ``Q8_0``...; TFLite ``f32``,
+Each format has its own type names (ARCHITECTURE.md, "Names users see"): GGUF ``Q4_0``, ``Q8_0``...; TFLite ``f32``,
 ``fp16``, ``int8``, ``int4`` (litert-torch recipes ``none``, ``fp16``, ``dynamic_int8``,
 ``dynamic_int4_block32``); ONNX ``fp32``, ``int8``, ``int4``. ``--quant`` names are sorted by
 format: a name only some formats know applies to those (``Q4_0,int8`` builds GGUF Q4_0, TFLite

@@ -58,7 +58,7 @@ class OnnxConversionResult:
 
 
 def onnx_folder_name(model: str, precision: str) -> str:
-    """``<model>-<precision>-onnx``, as INTERFACE.md names ONNX artifacts."""
+    """``<model>-<precision>-onnx``, as ARCHITECTURE.md ("Names users see") names ONNX artifacts."""
     return f"{model}-{precision}-onnx"
 
 

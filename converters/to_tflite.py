@@ -104,7 +104,7 @@ def recipe_for_type(name: str) -> str:
 
 
 def tflite_file_name(model: str, quantize: str) -> str:
-    """``<model>-<type>.tflite`` as INTERFACE.md names artifacts."""
+    """``<model>-<type>.tflite`` as ARCHITECTURE.md ("Names users see") names artifacts."""
     return f"{model}-{QUANT_RECIPES[recipe_for_type(quantize)]}.tflite"
 
 

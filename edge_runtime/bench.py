@@ -14,9 +14,8 @@ standard deviations are reported with every raw sample. Around them: load time, 
 child's own high-water mark), VRAM, CPU temperature before and after, energy per token (RAPL),
 and the roofline (``roofline.py``) from one bandwidth measurement per run.
 
-Prompt text: ``--prompt-file``, else the repository's ``../shared/data/tinyshakespeare.txt``
-when running from a checkout (tests and benchmarks), else a paragraph built into this module,
-repeated. Speeds hardly depend on which tokens are fed; ``method.prompt_source`` records it.
+Prompt text: ``--prompt-file``, else the Python documentation every installation carries
+(``pydoc_data.topics``), else (a Python without it) a paragraph built into this module, repeated. Speeds hardly depend on which tokens are fed; ``method.prompt_source`` records it.
 """
 
 from __future__ import annotations
@@ -31,8 +30,8 @@ from typing import Any, Protocol
 
 from .bench_result import ArtifactResult, BenchMethod, BenchRequest, BenchResult
 from .errors import DoesNotFitError, EdgeRuntimeError, InvalidConfigError
+from .sample_text import SOURCE_NAME, python_docs_text
 
-SHARED_TEXT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
 BUILTIN_PROMPT = (
     "The harbour town woke slowly. Fishing boats came in against the grey light, gulls circled the "
     "masts, and the market filled with baskets of silver fish, bread still warm from the ovens, "
@@ -63,8 +62,10 @@ def prompt_text(prompt_file: str | None, n_tokens: int) -> tuple[str, str]:
         if not text.strip():
             raise InvalidConfigError(f"--prompt-file {prompt_file} is empty", "give a text file")
         return text, f"file {Path(prompt_file).name}"
-    if SHARED_TEXT.is_file():
-        return SHARED_TEXT.read_text(encoding="utf-8", errors="replace")[:chars], "tinyshakespeare.txt"
+    try:
+        return python_docs_text(chars), SOURCE_NAME
+    except EdgeRuntimeError:
+        pass
     return BUILTIN_PROMPT * max(1, chars // len(BUILTIN_PROMPT)), "built-in paragraph, repeated"
 
 

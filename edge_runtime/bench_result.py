@@ -1,6 +1,6 @@
 """The bench result as data: what was asked, how it was measured, and every figure.
 
-``BenchResult.to_dict()`` is the document ``edgert bench --json`` writes (INTERFACE.md's "Bench
+``BenchResult.to_dict()`` is the document ``edgert bench --json`` writes (ARCHITECTURE.md's "Bench
 result"); ``bench_schema.py`` holds its JSON Schema, ``from_dict`` rebuilds a checked document.
 """
 
@@ -64,7 +64,7 @@ class BenchMethod:
 
 @dataclass(frozen=True)
 class ArtifactResult:
-    """The figures of one artifact × backend × threads (INTERFACE.md's flat keys)."""
+    """The figures of one artifact × backend × threads (ARCHITECTURE.md's flat keys)."""
 
     artifact: dict[str, Any]
     backend: str

@@ -8,7 +8,7 @@ library printing) are ignored. A fresh interpreter, not ``multiprocessing``: its
 counts only this artifact, and it never re-imports the caller's ``__main__`` module (which fails
 in a script without an ``if __name__ == "__main__"`` guard).
 
-Everything goes through ``Model.generate``, the stream users get (DESIGN.md): each timed run
+Everything goes through ``Model.generate``, the stream users get (ARCHITECTURE.md): each timed run
 resets the model's KV cache first, so every repetition evaluates its whole prompt.
 """
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -48,16 +47,20 @@ def smollm2(smollm2_path: Path):
 
 
 @pytest.fixture(scope="session")
-def shakespeare() -> str:
-    return SHAKESPEARE.read_text(encoding="utf-8")
+def prose() -> str:
+    """English prose every Python installation carries (the Python documentation's topics)."""
+    from edge_runtime.sample_text import python_docs_text
+
+    text = python_docs_text()
+    assert len(text) > 100_000, f"pydoc_data.topics holds only {len(text)} characters"
+    return text
 
 
 @pytest.fixture(scope="session")
-def shakespeare_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The first 30k characters of tinyshakespeare as a file (read from ../shared, never copied
-    into the repo)."""
-    path = tmp_path_factory.mktemp("text") / "shakespeare-slice.txt"
-    path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:30_000], encoding="utf-8")
+def prose_file(tmp_path_factory: pytest.TempPathFactory, prose: str) -> Path:
+    """The first 30k characters of that prose as a file, for commands that take --text FILE."""
+    path = tmp_path_factory.mktemp("text") / "python-docs-slice.txt"
+    path.write_text(prose[:30_000], encoding="utf-8")
     return path
 
 

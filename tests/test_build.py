@@ -22,11 +22,11 @@ N_CTX = 128
 
 
 @pytest.fixture(scope="module")
-def two_profile_build(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path, shakespeare_slice: Path):
+def two_profile_build(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path, prose_file: Path):
     """The embedded SmolLM2 (a Q4_1 GGUF) built for two profiles, evaluated on a text slice."""
     events = []
     request = BuildRequest(source=str(smollm2_path), out=str(tmp_path_factory.mktemp("build") / "smol"),
-                           profiles=PROFILES, text=str(shakespeare_slice), n_ctx=N_CTX, n_chunks=2, threads=2)
+                           profiles=PROFILES, text=str(prose_file), n_ctx=N_CTX, n_chunks=2, threads=2)
     return request, build(request, on_event=events.append), events
 
 
@@ -130,12 +130,12 @@ def test_the_convert_cli_prints_the_summary_table(two_profile_build):
     assert json.loads(res.stdout)["built"] == []
 
 
-def test_an_hf_source_converts_quantizes_and_evaluates(tiny_llama_dir, tmp_path, shakespeare_slice):
+def test_an_hf_source_converts_quantizes_and_evaluates(tiny_llama_dir, tmp_path, prose_file):
     from edge_runtime.converters import safetensors_source as st
     from edge_runtime.converters.hf_to_gguf import check_source
 
     result = build(BuildRequest(source=str(tiny_llama_dir), out=str(tmp_path / "tiny"), quants=("Q8_0",),
-                                text=str(shakespeare_slice), n_ctx=64, n_chunks=2, threads=2, add_to_store=False))
+                                text=str(prose_file), n_ctx=64, n_chunks=2, threads=2, add_to_store=False))
     m = result.manifest
     info = check_source(tiny_llama_dir)
     assert m.source["kind"] == "hf" and m.source["sha256"] == st.hash_files(info.files, info.path)

@@ -35,9 +35,9 @@ def _convert(src: Path, out: Path, text: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def three_formats(tiny_llama_dir: Path, shakespeare_slice: Path, tmp_path_factory: pytest.TempPathFactory):
+def three_formats(tiny_llama_dir: Path, prose_file: Path, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("formats") / "tiny"
-    return out, _convert(tiny_llama_dir, out, shakespeare_slice), shakespeare_slice
+    return out, _convert(tiny_llama_dir, out, prose_file), prose_file
 
 
 def test_one_build_writes_all_three_formats(three_formats):
@@ -110,11 +110,11 @@ def test_the_store_keeps_what_tflite_and_onnx_need(three_formats, edgert_cmd):
         assert res.returncode == 0, res.stderr
 
 
-def test_without_gguf_the_first_formats_base_is_the_quality_reference(tiny_llama_dir, shakespeare_slice, tmp_path):
+def test_without_gguf_the_first_formats_base_is_the_quality_reference(tiny_llama_dir, prose_file, tmp_path):
     from edge_runtime.converters.build import BuildRequest, build
 
     request = BuildRequest(source=str(tiny_llama_dir), out=str(tmp_path / "onnx-only"), formats=("onnx",),
-                           quants=("int8",), text=str(shakespeare_slice), n_ctx=64, n_chunks=2, threads=2,
+                           quants=("int8",), text=str(prose_file), n_ctx=64, n_chunks=2, threads=2,
                            add_to_store=False)
     result = build(request)
     artifacts = {a.quant: a for a in result.manifest.artifacts}

@@ -25,8 +25,8 @@ def smollm2_q4_0(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -
     return quantize_gguf(smollm2_path, out, "Q4_0", threads=2, allow_requantize=True).path
 
 
-def test_perplexity_of_smollm2_is_finite_and_sane(smollm2_path, shakespeare_slice):
-    report = ev.evaluate(smollm2_path, text=shakespeare_slice, n_ctx=N_CTX, n_chunks=2, threads=2)
+def test_perplexity_of_smollm2_is_finite_and_sane(smollm2_path, prose_file):
+    report = ev.evaluate(smollm2_path, text=prose_file, n_ctx=N_CTX, n_chunks=2, threads=2)
     assert report.ppl is not None and math.isfinite(report.ppl)
     assert 5 < report.ppl < 200, report  # a 135M model on Shakespeare: tens, not thousands
     assert report.n_chunks == 2 and report.n_ctx == N_CTX
@@ -35,17 +35,17 @@ def test_perplexity_of_smollm2_is_finite_and_sane(smollm2_path, shakespeare_slic
     assert report.text_source == "file" and len(report.text_sha256) == 64
 
 
-def test_a_model_against_itself_has_zero_kld_and_full_agreement(smollm2_path, shakespeare_slice):
-    report = ev.evaluate(smollm2_path, smollm2_path, text=shakespeare_slice, n_ctx=N_CTX, n_chunks=2, threads=2)
+def test_a_model_against_itself_has_zero_kld_and_full_agreement(smollm2_path, prose_file):
+    report = ev.evaluate(smollm2_path, smollm2_path, text=prose_file, n_ctx=N_CTX, n_chunks=2, threads=2)
     assert abs(report.kld_mean) < 1e-9
     assert report.top1_agreement == 1.0
     assert report.ppl == pytest.approx(report.ppl_ref, rel=1e-12)
     assert report.delta_ppl_pct == pytest.approx(0.0, abs=1e-9)
 
 
-def test_q4_0_requantization_differs_from_its_reference(smollm2_path, smollm2_q4_0, shakespeare_slice):
+def test_q4_0_requantization_differs_from_its_reference(smollm2_path, smollm2_q4_0, prose_file):
     # Two candidates in one pass: the Q4_0 re-quantization and the reference itself.
-    q4_0, same = ev.compare([smollm2_q4_0, smollm2_path], smollm2_path, text=shakespeare_slice,
+    q4_0, same = ev.compare([smollm2_q4_0, smollm2_path], smollm2_path, text=prose_file,
                             n_ctx=N_CTX, n_chunks=2, threads=2)
     assert q4_0.kld_mean > 1e-3 and q4_0.top1_agreement < 1.0
     assert q4_0.top1_agreement > 0.3  # still the same model, mostly
@@ -64,7 +64,7 @@ def test_without_a_text_kld_is_measured_on_generated_text(smollm2_path, smollm2_
     assert again.text_sha256 == report.text_sha256  # seeded: the same text every time
 
 
-def test_perplexity_method_matches_an_independent_numpy_computation(smollm2_path, shakespeare_slice):
+def test_perplexity_method_matches_an_independent_numpy_computation(smollm2_path, prose_file):
     """One window, scored two ways: our evaluator, and llama-cpp-python's high-level API + numpy.
 
     Flash attention on, as llama-perplexity's ``auto`` turns it on for the CPU (off, llama.cpp's
@@ -72,11 +72,11 @@ def test_perplexity_method_matches_an_independent_numpy_computation(smollm2_path
     """
     import llama_cpp
 
-    ours = ev.evaluate(smollm2_path, text=shakespeare_slice, n_ctx=N_CTX, n_chunks=1, threads=2)
+    ours = ev.evaluate(smollm2_path, text=prose_file, n_ctx=N_CTX, n_chunks=1, threads=2)
     llm = llama_cpp.Llama(str(smollm2_path), n_ctx=N_CTX, n_batch=N_CTX, logits_all=True, n_threads=2,
                           flash_attn=True, verbose=False)
     try:
-        text = shakespeare_slice.read_bytes().decode("utf-8")
+        text = prose_file.read_bytes().decode("utf-8")
         text = text[:-1] if text.endswith("\n") else text
         tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)[:N_CTX]
         if llm.metadata.get("tokenizer.ggml.add_bos_token") == "true":
@@ -134,14 +134,14 @@ def _cli():
     return cli
 
 
-def test_eval_cli_prints_json_and_a_table(smollm2_q4_0, shakespeare_slice):
+def test_eval_cli_prints_json_and_a_table(smollm2_q4_0, prose_file):
     runner = CliRunner()
     res = runner.invoke(_cli(), ["eval", str(smollm2_q4_0), "--reference", "smollm2", "--text",
-                                 str(shakespeare_slice), "--ctx", str(N_CTX), "--chunks", "1", "--json"])
+                                 str(prose_file), "--ctx", str(N_CTX), "--chunks", "1", "--json"])
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert data["ppl"] > 1 and data["kld_mean"] > 0 and data["n_chunks"] == 1
-    res = runner.invoke(_cli(), ["eval", "smollm2", "--text", str(shakespeare_slice), "--ctx", str(N_CTX),
+    res = runner.invoke(_cli(), ["eval", "smollm2", "--text", str(prose_file), "--ctx", str(N_CTX),
                                  "--chunks", "1"])
     assert res.exit_code == 0, res.output
     assert "perplexity" in res.stdout and "KLD" not in res.stdout

@@ -68,11 +68,12 @@ def test_identical_prompt_twice_reevaluates_only_the_last_token(smollm2):
     assert last.stats.evaluated_tokens == 1
 
 
-def test_sliding_window_cache_is_not_trusted_past_its_window(gemma_path, shakespeare):
+def test_sliding_window_cache_is_not_trusted_past_its_window(gemma_path, prose):
     """Gemma 3's SWA layers evict old positions: a branch far back must be re-evaluated."""
     settings = Settings(n_ctx=2048, n_threads=2, n_batch=256, n_ubatch=256)
     with LlamaCppModel(str(gemma_path), settings) as model:
-        text_tokens = model.tokenize(shakespeare[:20000], add_bos=False)
+        text_tokens = model.tokenize(prose[:40000], add_bos=False)
+        assert len(text_tokens) > 5020
         bos = model.tokenize("", add_bos=True)
         long_prompt = bos + text_tokens[:1200]
         run(model, long_prompt, SamplingParams(temperature=0, max_tokens=4))

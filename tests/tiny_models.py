@@ -22,7 +22,7 @@ generation_config.json):
   ``qwen2`` and ``llama3`` (recognised by their split rules).
 
 The tokenizer is a byte-level BPE with Llama 3's split rules, trained on a slice of
-tinyshakespeare plus a few lines of unicode, with special tokens ``<|begin_of_text|>`` (BOS,
+the Python documentation (``pydoc_data.topics``) plus a few lines of unicode, with special tokens ``<|begin_of_text|>`` (BOS,
 added on encode), ``<|end_of_text|>`` (EOS), ``<|im_start|>``/``<|im_end|>`` (chat) and one plain
 added token ``<tool>``. Everything is built once and cached under the pytest cache, keyed by
 ``TINY_MODELS_VERSION``: bump it when the recipe changes. Builders are plain functions
@@ -40,8 +40,7 @@ from pathlib import Path
 
 import pytest
 
-TINY_MODELS_VERSION = "3"
-SHAKESPEARE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
+TINY_MODELS_VERSION = "4"
 SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>")
 PLAIN_ADDED_TOKEN = "<tool>"
 CHAT_TEMPLATE = (
@@ -61,6 +60,16 @@ UNICODE_LINES = [
 ]
 
 
+def training_text(max_chars: int) -> str:
+    """English prose for training tokenizers; fails loudly rather than train on nothing."""
+    from edge_runtime.sample_text import python_docs_text
+
+    text = python_docs_text(max_chars)
+    if len(text.split()) < 10_000:
+        raise RuntimeError(f"the tokenizer corpus holds only {len(text.split())} words; expected tens of thousands")
+    return text
+
+
 def train_tokenizer(vocab_size: int = 1024):
     """A byte-level BPE tokenizer (tokenizers.Tokenizer) with Llama 3's split rules."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -75,8 +84,7 @@ def train_tokenizer(vocab_size: int = 1024):
         vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    text = SHAKESPEARE.read_text(encoding="utf-8")[:300_000] if SHAKESPEARE.is_file() else ""
-    corpus = text.splitlines() + UNICODE_LINES * 20
+    corpus = training_text(300_000).splitlines() + UNICODE_LINES * 20
     tok.train_from_iterator(corpus, trainer)
     tok.add_tokens([AddedToken(PLAIN_ADDED_TOKEN, special=False, normalized=False)])
     bos = SPECIAL_TOKENS[0]
@@ -232,7 +240,7 @@ def train_sentencepiece(folder: Path, vocab_size: int = 800, *, dummy_prefix: bo
 
     import sentencepiece as spm
 
-    text = SHAKESPEARE.read_text(encoding="utf-8")[:200_000].splitlines() if SHAKESPEARE.is_file() else []
+    text = training_text(200_000).splitlines()
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(text + UNICODE_LINES * 20), model_writer=model, vocab_size=vocab_size,
