@@ -84,7 +84,7 @@ def main() -> int:
     parser.add_argument("--edgert", default=None, help="edgert executable (default: the venv's)")
     args = parser.parse_args()
 
-    from edge_runtime.model_spec import resolve_model
+    from edge_runtime.models.spec import resolve_model
 
     model = str(resolve_model(args.model))
     binary = find_llama_tool("llama-bench", args.llama_bench)

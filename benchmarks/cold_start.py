@@ -26,8 +26,8 @@ from executables import find_edgert
 
 TARGET_S = 1.5
 RUN_PATH_IMPORTS = (
-    "import edge_runtime.cli, edge_runtime.chat, edge_runtime.session, edge_runtime.store, "
-    "edge_runtime.backends.llamacpp"
+    "import edge_runtime.cli, edge_runtime.cli.chat_loop, edge_runtime.session, edge_runtime.models.store, "
+    "edge_runtime.backends.llamacpp.model"
 )
 
 

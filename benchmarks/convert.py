@@ -60,7 +60,7 @@ def prepare_checkpoint(folder: Path, dtype: str) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edge_runtime.model_spec import resolve_model
+    from edge_runtime.models.spec import resolve_model
 
     gguf = resolve_model("smollm2")
     print(f"preparing {folder} from {gguf.name} (transformers' GGUF loader, dequantized) ...", file=sys.stderr)

@@ -251,7 +251,7 @@ class LlamaBenchRunner:
 
 def resolve_model_path(model: str | None) -> str:
     """A file path for ``--model`` (a path or a store name; default: the embedded model)."""
-    from edge_runtime.model_spec import resolve_model
+    from edge_runtime.models.spec import resolve_model
 
     return str(resolve_model(model))
 

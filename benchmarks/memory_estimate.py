@@ -92,8 +92,8 @@ def main() -> int:
     args = parser.parse_args()
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from edge_runtime.gguf_file import read_gguf_header
-    from edge_runtime.memory import estimate_memory
+    from edge_runtime.formats.gguf import read_gguf_header
+    from edge_runtime.planning.memory import estimate_memory
 
     models = embedded_models() + [(os.path.basename(p), p) for p in args.model]
     contexts = [int(c) for c in args.ctx.split(",")]

@@ -71,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     args.text = args.text or prose_file()
 
-    from edge_runtime.model_spec import resolve_model
+    from edge_runtime.models.spec import resolve_model
 
     model = str(resolve_model(args.model))
     tool = find_llama_tool("llama-perplexity")

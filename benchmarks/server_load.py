@@ -94,7 +94,7 @@ class Phase:
 def raw_ratio(path: str, threads: int, ctx: int, n_tokens: int, reps: int) -> tuple[float, float, list[str]]:
     """Median aggregate tokens/s of 1 and of 4 slots generating at once, in-process."""
     from edge_runtime.backends.base import SamplingParams, Settings
-    from edge_runtime.backends.llamacpp import LlamaCppModel
+    from edge_runtime.backends.llamacpp.model import LlamaCppModel
 
     model = LlamaCppModel(path, Settings(n_ctx=ctx, n_threads=threads, n_threads_batch=threads, n_parallel=4))
     notes: list[str] = []
@@ -364,7 +364,7 @@ def main() -> None:
     ap.add_argument("--skip-llama-cpp-server", action="store_true")
     args = ap.parse_args()
 
-    from edge_runtime.model_spec import resolve_model
+    from edge_runtime.models.spec import resolve_model
 
     path = str(resolve_model(args.model or "smollm2"))  # a .gguf path, a store name or "smollm2"
     import llama_cpp

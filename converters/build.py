@@ -24,12 +24,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.artifact import FLOAT_TYPES
+from edge_runtime.models.artifact import FLOAT_TYPES
 from edge_runtime.errors import InvalidConfigError, ModelNotFoundError
-from edge_runtime.manifest import Manifest, ManifestArtifact
+from edge_runtime.models.manifest import Manifest, ManifestArtifact
 
-from .build_formats import FormatOptions, OtherFormats, plan_other_rungs, scoring_positions, split_quants
-from .build_steps import (
+from edge_runtime.converters.build_formats import FormatOptions, OtherFormats, plan_other_rungs, scoring_positions, split_quants
+from edge_runtime.converters.build_steps import (
     BuildEvent,
     OutputFolder,
     artifact_entry,
@@ -90,9 +90,9 @@ class BuildResult:
 def plan_rungs(profile_ids: tuple[str, ...], quants: tuple[str, ...] | None,
                outtype: str) -> tuple[list[Rung], list[str]]:
     """The quantized types to build (base excluded) and warnings about rungs skipped."""
-    from edge_runtime.profiles import get_profile, load_profiles
+    from edge_runtime.planning.profiles import get_profile, load_profiles
 
-    from .quantize import NEEDS_IMATRIX, normalize_qtype
+    from edge_runtime.converters.quantize import NEEDS_IMATRIX, normalize_qtype
 
     found = load_profiles()
     profiles = [get_profile(p, found) for p in profile_ids]
@@ -134,14 +134,14 @@ def _bits(qtype: str) -> float:
 
 def resolve_source(spec: str) -> tuple[Path, str]:
     """The source as a path (HF folder or GGUF file) and the model's name for file names."""
-    from edge_runtime.manifest import has_manifest
-    from edge_runtime.store import model_slug
-    from edge_runtime.model_spec import find_artifacts
+    from edge_runtime.models.manifest import has_manifest
+    from edge_runtime.models.store import model_slug
+    from edge_runtime.models.spec import find_artifacts
 
     path = Path(spec).expanduser()
     if path.is_dir():
         if (path / "config.json").is_file():
-            from .hf_to_gguf import check_source
+            from edge_runtime.converters.hf_to_gguf import check_source
 
             return path, model_slug(check_source(path).name)
         if has_manifest(path):
@@ -157,7 +157,7 @@ def resolve_source(spec: str) -> tuple[Path, str]:
 
 def _base_of(artifacts: list[Any]) -> tuple[Path, str]:
     """From a store entry or embedded model, the float artifact if there is one."""
-    from edge_runtime.store import model_slug
+    from edge_runtime.models.store import model_slug
 
     best = next((a for a in artifacts if (a.quant or "").upper() in FLOAT_TYPES), artifacts[0])
     path = Path(best.path)
@@ -170,8 +170,8 @@ def _strip_quant(stem: str) -> str:
 
 def build(request: BuildRequest, *, on_event: OnEvent | None = None) -> BuildResult:
     """Run the pipeline for ``request``; see the module docstring."""
-    from .evaluate import read_text
-    from .hf_to_gguf import OUTTYPES
+    from edge_runtime.converters.evaluate import read_text
+    from edge_runtime.converters.hf_to_gguf import OUTTYPES
 
     emit = on_event or (lambda e: None)
     if request.outtype not in OUTTYPES:
@@ -220,7 +220,7 @@ def build(request: BuildRequest, *, on_event: OnEvent | None = None) -> BuildRes
         manifest = state.save(complete=True)
     stored = None
     if request.add_to_store:
-        from edge_runtime.store import add_model
+        from edge_runtime.models.store import add_model
 
         try:
             stored = add_model(folder, name=model, verify=False).model  # every file was just hashed
@@ -271,7 +271,7 @@ class _State:
         self.built: list[str] = []
 
     def save(self, *, complete: bool = False) -> Manifest:
-        from edge_runtime.manifest import write_manifest
+        from edge_runtime.models.manifest import write_manifest
 
         manifest = Manifest(
             model=self.model, source=self.source, tools=self.tools, artifacts=tuple(self.entries),
@@ -283,7 +283,7 @@ class _State:
 
     def _reusable(self, file: str, build: dict[str, Any]) -> ManifestArtifact | None:
         """The previous entry for ``file`` when it was built the same way and still matches."""
-        from edge_runtime.store import file_sha256
+        from edge_runtime.models.store import file_sha256
 
         old = self.previous.find(file) if self.previous else None
         path = self.folder / file
@@ -298,7 +298,7 @@ class _State:
         return entry
 
     def make_base(self, src: Path, outtype: str, profiles: tuple[str, ...], emit: OnEvent) -> ManifestArtifact:
-        from .hf_to_gguf import convert_to_gguf
+        from edge_runtime.converters.hf_to_gguf import convert_to_gguf
 
         file = f"{self.model}-{outtype}.gguf"
         build = {"source_sha256": self.source["sha256"], "outtype": outtype,
@@ -318,7 +318,7 @@ class _State:
         return self._add(entry, False)
 
     def make_quant(self, base: ManifestArtifact, rung: Rung, threads: int | None, emit: OnEvent) -> None:
-        from .quantize import quantize_gguf
+        from edge_runtime.converters.quantize import quantize_gguf
 
         file = f"{self.model}-{rung.qtype}.gguf"
         build = {"source_sha256": self.source["sha256"], "base_sha256": base.sha256, "quant": rung.qtype,

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.errors import InvalidConfigError
-from edge_runtime.manifest import Manifest, ManifestArtifact
+from edge_runtime.models.manifest import Manifest, ManifestArtifact
 
-from .build_steps import BuildEvent
+from edge_runtime.converters.build_steps import BuildEvent
 
 FORMATS = ("gguf", "tflite", "onnx")
 BACKEND_FORMATS = {"llama.cpp": "gguf", "tflite": "tflite", "onnx": "onnx"}
@@ -61,7 +61,7 @@ def default_formats(profile_ids: tuple[str, ...]) -> tuple[str, ...]:
     """The formats the named profiles' backend orders list and have ladders for; gguf without profiles."""
     if not profile_ids:
         return ("gguf",)
-    from edge_runtime.profiles import get_profile, load_profiles
+    from edge_runtime.planning.profiles import get_profile, load_profiles
 
     found = load_profiles()
     wanted: list[str] = []
@@ -78,11 +78,11 @@ def type_for(fmt: str, name: str) -> str | None:
     """``name`` in ``fmt``'s spelling, or None when that format has no such type."""
     key = name.strip().lower()
     if fmt == "gguf":
-        from .quantize import QUANT_TYPES
+        from edge_runtime.converters.quantize import QUANT_TYPES
 
         return key.upper() if key.upper() in QUANT_TYPES else None
     if fmt == "tflite":
-        from .to_tflite import QUANT_RECIPES, recipe_for_type
+        from edge_runtime.converters.to_tflite import QUANT_RECIPES, recipe_for_type
 
         try:
             return QUANT_RECIPES[recipe_for_type("f32" if key == "fp32" else key)]
@@ -115,7 +115,7 @@ def plan_other_rungs(formats: tuple[str, ...], profile_ids: tuple[str, ...], qua
                      outtype: str, per_profile: int, *, reference_format: str | None = None) -> FormatRungs:
     """TFLite/ONNX types to build. The base is built with ``--outtype f32``, when nothing else is,
     and in ``reference_format``: the build's quality reference when it makes no GGUF."""
-    from edge_runtime.profiles import get_profile, load_profiles
+    from edge_runtime.planning.profiles import get_profile, load_profiles
 
     found = load_profiles()
     profiles = [get_profile(p, found) for p in profile_ids]
@@ -169,7 +169,7 @@ class OtherFormats:
             if self.src.is_dir():
                 self._hf = self.src
             else:
-                from .gguf_to_hf import hf_source_from_gguf
+                from edge_runtime.converters.gguf_to_hf import hf_source_from_gguf
 
                 target = self.folder / WORK_DIR / f"hf-{self.source['sha256'][:16]}"
                 if not (target / "config.json").is_file():
@@ -181,8 +181,8 @@ class OtherFormats:
         return self._hf
 
     def _reusable(self, file: str, build: dict[str, Any], companions: tuple[Path, ...] = ()) -> ManifestArtifact | None:
-        from edge_runtime.manifest import _size, folder_sha256
-        from edge_runtime.store import file_sha256
+        from edge_runtime.models.manifest import _size, folder_sha256
+        from edge_runtime.models.store import file_sha256
 
         old = self.previous.find(file) if self.previous else None
         path = self.folder / file
@@ -200,10 +200,10 @@ class OtherFormats:
     def _tflite(self, qtype: str, profiles: tuple[str, ...], role: str) -> tuple[ManifestArtifact, bool]:
         from dataclasses import replace
 
-        from edge_runtime.backends.tflite_signatures import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, sidecar_path
+        from edge_runtime.formats.tflite import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, sidecar_path
 
-        from .to_tflite import DEFAULT_PREFILL_LENGTHS, convert_hf_to_tflite, recipe_for_type, tflite_file_name
-        from .to_tflite import tflite_manifest_entry
+        from edge_runtime.converters.to_tflite import DEFAULT_PREFILL_LENGTHS, convert_hf_to_tflite, recipe_for_type, tflite_file_name
+        from edge_runtime.converters.to_tflite import tflite_manifest_entry
 
         recipe = recipe_for_type(qtype)
         file = tflite_file_name(self.model, recipe)
@@ -231,9 +231,10 @@ class OtherFormats:
     def _onnx(self, qtype: str, profiles: tuple[str, ...], role: str) -> tuple[ManifestArtifact, bool]:
         from dataclasses import replace
 
-        from edge_runtime.manifest import _size, folder_sha256
+        from edge_runtime.models.manifest import _size, folder_sha256
 
-        from .to_onnx import artifact_from_onnx, convert_hf_to_onnx, onnx_folder_name
+        from edge_runtime.models.artifact import artifact_from_onnx
+        from edge_runtime.converters.to_onnx import convert_hf_to_onnx, onnx_folder_name
 
         file = onnx_folder_name(self.model, qtype)
         provider = self.options.onnx_provider
@@ -259,7 +260,7 @@ class OtherFormats:
 
 
 def _default_kv(src: Path) -> int:
-    from .tflite_config import read_decoder_spec
+    from edge_runtime.converters.tflite_config import read_decoder_spec
 
     return min(DEFAULT_KV_LEN, read_decoder_spec(src).max_position_embeddings)
 
@@ -267,11 +268,11 @@ def _default_kv(src: Path) -> int:
 def scoring_positions(path: Path) -> int | None:
     """The longest window quality can be scored on in this artifact; None when only the request limits it."""
     if path.is_dir():
-        from edge_runtime.backends.onnx import read_onnx_folder
+        from edge_runtime.formats.onnx import read_onnx_folder
 
         return read_onnx_folder(path).max_length - 1  # genai keeps one position for the next token
     if path.suffix == ".tflite":
-        from edge_runtime.backends.tflite_signatures import read_tflite_layout
+        from edge_runtime.formats.tflite import read_tflite_layout
 
         return read_tflite_layout(path).kv_len
     return None

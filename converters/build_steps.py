@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edge_runtime.artifact import FLOAT_TYPES
+from edge_runtime.models.artifact import FLOAT_TYPES
 from edge_runtime.errors import EdgeRuntimeError, InvalidConfigError
-from edge_runtime.manifest import Manifest, ManifestArtifact
+from edge_runtime.models.manifest import Manifest, ManifestArtifact
 
 if TYPE_CHECKING:
-    from .build import BuildRequest
+    from edge_runtime.converters.build import BuildRequest
 
 # Fixed prompts whose greedy continuation by the unquantized artifact the manifest records, so a
 # device (device_tests/, `edgert eval`) can check that what it runs still says the same thing.
@@ -71,7 +71,7 @@ class OutputFolder:
 
     def previous_manifest(self) -> tuple[Manifest | None, str | None]:
         """The manifest of an earlier run (to reuse what it built), or why it cannot be used."""
-        from edge_runtime.manifest import has_manifest, read_manifest
+        from edge_runtime.models.manifest import has_manifest, read_manifest
 
         if not has_manifest(self.folder):
             return None, None
@@ -83,12 +83,12 @@ class OutputFolder:
 
 def source_identity(src: Path) -> dict[str, Any]:
     """What the source is and its sha256 (the same hash the converter records)."""
-    from edge_runtime.gguf_file import read_gguf_header
-    from edge_runtime.store import file_sha256
+    from edge_runtime.formats.gguf import read_gguf_header
+    from edge_runtime.models.store import file_sha256
 
     if src.is_dir():
-        from . import safetensors_source as st
-        from .hf_to_gguf import check_source
+        from edge_runtime.converters import safetensors_source as st
+        from edge_runtime.converters.hf_to_gguf import check_source
 
         info = check_source(src)
         return {"kind": "hf", "path": str(src.resolve()), "name": info.name,
@@ -119,8 +119,8 @@ def tool_versions(kind: str) -> dict[str, Any]:
 
 def artifact_entry(path: Path, role: str, profiles: tuple[str, ...], build: dict[str, Any]) -> ManifestArtifact:
     """A manifest entry for a finished GGUF file, read from its header and hashed."""
-    from edge_runtime.gguf_file import describe_gguf
-    from edge_runtime.store import file_sha256
+    from edge_runtime.formats.gguf import describe_gguf
+    from edge_runtime.models.store import file_sha256
 
     info = describe_gguf(path)
     return ManifestArtifact(
@@ -141,7 +141,7 @@ def evaluate_artifacts(
     """Entries with quality figures: reused where the files and settings match, else measured."""
     from dataclasses import replace
 
-    from .evaluate import QualityReport, compare, evaluate
+    from edge_runtime.converters.evaluate import QualityReport, compare, evaluate
 
     old_key = {k: (previous.evaluation or {}).get(k) for k in key} if previous else None
     old_quality = {a.sha256: a.quality for a in previous.artifacts} if previous and old_key == key else {}
@@ -185,7 +185,7 @@ def reference_continuations(
 ) -> dict[str, Any]:
     """The greedy continuation of each ``REFERENCE_PROMPTS`` prompt by the unquantized artifact."""
     from edge_runtime.backends.base import SamplingParams, Settings
-    from edge_runtime.backends.llamacpp import LlamaCppModel
+    from edge_runtime.backends.llamacpp.model import LlamaCppModel
 
     old = previous.reference if previous else None
     if (old and old.get("artifact_sha256") == base_sha and old.get("max_tokens") == REFERENCE_TOKENS

@@ -31,7 +31,7 @@ from typing import Any
 
 from edge_runtime.errors import EdgeRuntimeError, InvalidConfigError
 
-from .scorers import RowQueue, Scorer, Window, open_scorer
+from edge_runtime.converters.scorers import RowQueue, Scorer, Window, open_scorer
 
 DEFAULT_CTX = 512  # llama-perplexity's default, so numbers compare with published ones
 # Prompts the reference continues when no text is given: prose, dialogue, code, lists, facts.

@@ -18,8 +18,8 @@ from gguf.constants import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, MODEL_TEN
 
 from edge_runtime.errors import InvalidModelFileError, UnsupportedModelError
 
-from . import tensor_names as tn
-from .registry import register_converter
+from edge_runtime.converters import tensor_names as tn
+from edge_runtime.converters.registry import register_converter
 
 T = MODEL_TENSOR
 NORM_KINDS = frozenset({T.ATTN_NORM, T.FFN_NORM, T.OUTPUT_NORM, T.ATTN_Q_NORM, T.ATTN_K_NORM,

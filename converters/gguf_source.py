@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 from edge_runtime.errors import InvalidConfigError
-from edge_runtime.gguf_file import read_gguf_header
+from edge_runtime.formats.gguf import read_gguf_header
 
-from .hf_to_gguf import OUTTYPES, ConversionResult, Progress
-from .quantize import quantize_gguf
+from edge_runtime.converters.hf_to_gguf import OUTTYPES, ConversionResult, Progress
+from edge_runtime.converters.quantize import quantize_gguf
 
 
 def file_sha256(path: Path) -> str:

@@ -42,7 +42,7 @@ def hf_source_from_gguf(gguf_path: str | Path, out_dir: str | Path) -> HFSource:
     renamed into place, so an interrupted run leaves nothing behind. Needs torch, transformers
     and gguf (the ``convert`` extra).
     """
-    from edge_runtime.gguf_file import describe_gguf
+    from edge_runtime.formats.gguf import describe_gguf
 
     started = time.perf_counter()
     src = Path(gguf_path).expanduser()
@@ -112,7 +112,7 @@ def _restore_pre_tokenizer(folder: Path, src: Path) -> None:
     splits digits one by one first, so without this, numbers would tokenize differently from
     llama.cpp running the same GGUF.
     """
-    from edge_runtime.gguf_file import read_gguf_header
+    from edge_runtime.formats.gguf import read_gguf_header
 
     pre = read_gguf_header(src).get("tokenizer.ggml.pre")
     if pre not in DIGIT_SPLIT_PRE_TOKENIZERS:

@@ -22,7 +22,7 @@ from gguf.constants import TokenType
 
 from edge_runtime.errors import InvalidModelFileError, UnsupportedModelError
 
-from .pretokenizers import CHECK_TEXT, detect_pre_tokenizer
+from edge_runtime.converters.pretokenizers import CHECK_TEXT, detect_pre_tokenizer
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_MODEL = "tokenizer.model"

@@ -27,12 +27,12 @@ from gguf.constants import GGMLQuantizationType, LlamaFileType
 
 from edge_runtime.errors import InvalidConfigError, InvalidModelFileError, ModelNotFoundError
 
-from . import safetensors_source as st
-from .gguf_arch import GGUFArch, HParams
-from .gguf_vocab import TOKENIZER_FILES, VocabSpec, read_json_object, read_vocab, write_vocab
-from .registry import converter_for
-from .registry import supported_architectures as _supported
-from .tensor_names import TensorName
+from edge_runtime.converters import safetensors_source as st
+from edge_runtime.converters.gguf_arch import GGUFArch, HParams
+from edge_runtime.converters.gguf_vocab import TOKENIZER_FILES, VocabSpec, read_json_object, read_vocab, write_vocab
+from edge_runtime.converters.registry import converter_for
+from edge_runtime.converters.registry import supported_architectures as _supported
+from edge_runtime.converters.tensor_names import TensorName
 
 Progress = Callable[[int, int], None]
 
@@ -292,7 +292,7 @@ def convert_to_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
                     progress: Progress | None = None) -> ConversionResult:
     """Convert any supported source (a HF folder or a ``.gguf`` file) to a float GGUF."""
     if Path(src).is_file() and str(src).endswith(".gguf"):
-        from .gguf_source import convert_gguf_to_gguf
+        from edge_runtime.converters.gguf_source import convert_gguf_to_gguf
 
         return convert_gguf_to_gguf(Path(src), Path(out), outtype=outtype, progress=progress)
     return convert_hf_to_gguf(src, out, outtype=outtype, progress=progress)

@@ -36,7 +36,7 @@ def main(argv: list[str]) -> int:
 
     import llama_cpp
 
-    from edge_runtime.backends._llama_native import ensure_initialized, take_recent_errors
+    from edge_runtime.backends.llamacpp.native import ensure_initialized, take_recent_errors
 
     ensure_initialized()
     logger = logging.getLogger("edge_runtime.llama_cpp")

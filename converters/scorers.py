@@ -59,11 +59,11 @@ class LlamaScorer:
     def __init__(self, path: str | Path, n_ctx: int, threads: int | None) -> None:
         import llama_cpp as c
 
-        from edge_runtime.backends import _llama_native as native
+        from edge_runtime.backends.llamacpp import native
         from edge_runtime.backends.base import Settings
         from edge_runtime.backends.base import default_threads
         from edge_runtime.errors import ModelLoadError
-        from edge_runtime.gguf_file import read_gguf_header
+        from edge_runtime.formats.gguf import read_gguf_header
 
         read_gguf_header(path)  # our bounds-checked read first: llama.cpp aborts on some bad files
         self.path = str(path)

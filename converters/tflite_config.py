@@ -22,8 +22,8 @@ from edge_runtime.errors import (
     UnsupportedModelError,
 )
 
-from . import safetensors_source as st
-from .registry import register_converter
+from edge_runtime.converters import safetensors_source as st
+from edge_runtime.converters.registry import register_converter
 
 LM_HEAD = "lm_head.weight"
 EMBEDDING = "model.embed_tokens.weight"

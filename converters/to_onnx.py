@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.backends.onnx import SIDECAR, artifact_from_onnx, read_onnx_folder
+from edge_runtime.formats.onnx import SIDECAR, read_onnx_folder
 from edge_runtime.errors import InvalidConfigError, ModelLoadError, ModelNotFoundError, UnsupportedModelError
 
 Progress = Callable[[int, int], None]
-__all__ = ["OnnxConversionResult", "artifact_from_onnx", "convert_hf_to_onnx", "onnx_folder_name"]
+__all__ = ["OnnxConversionResult", "convert_hf_to_onnx", "onnx_folder_name"]
 
 PRECISIONS = ("fp32", "int8", "int4")
 EXECUTION_PROVIDERS = ("cpu", "cuda")
@@ -80,7 +80,7 @@ def convert_hf_to_onnx(src: str | Path, out_dir: str | Path, *, precision: str =
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.work.", dir=out.parent) as work:
         if source.is_file() and source.suffix == ".gguf":
-            from .gguf_to_hf import hf_source_from_gguf
+            from edge_runtime.converters.gguf_to_hf import hf_source_from_gguf
 
             source = hf_source_from_gguf(source, Path(work) / "hf").path
         hf_arch, n_layer, n_params = check_source(source)
@@ -101,7 +101,7 @@ def convert_hf_to_onnx(src: str | Path, out_dir: str | Path, *, precision: str =
 
 def check_source(src: Path) -> tuple[str, int, int]:
     """(architecture, layers, parameters) of a HF folder, checked before the builder starts."""
-    from .safetensors_source import find_shards, read_header
+    from edge_runtime.converters.safetensors_source import find_shards, read_header
 
     if not src.is_dir() or not (src / "config.json").is_file():
         raise ModelNotFoundError(f"{src}: not a Hugging Face model folder (no config.json)",

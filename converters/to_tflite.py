@@ -3,7 +3,7 @@
 The decoder is rebuilt from ``config.json`` and the safetensors weights with
 ``litert_torch.generative`` (``tflite_config`` maps each family's config) and exported with
 ``prefill_<N>`` signatures at several lengths, a ``decode`` signature and the KV cache as inputs
-and outputs (names in ``edge_runtime.backends.tflite_signatures``). Recipes (litert-torch's):
+and outputs (names in ``edge_runtime.formats.tflite``). Recipes (litert-torch's):
 
 ====================== ======= =========================================================
 recipe                 type    what it does
@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.backends.tflite import artifact_from_tflite
-from edge_runtime.backends.tflite_signatures import (
+from edge_runtime.models.artifact import artifact_from_tflite
+from edge_runtime.formats.tflite import (
     TOKENIZER_CONFIG_FILE,
     TOKENIZER_FILE,
     read_tflite_layout,
@@ -47,15 +47,14 @@ from edge_runtime.errors import (
     ModelLoadError,
 )
 from edge_runtime.files import atomic_write
-from edge_runtime.manifest import ManifestArtifact
+from edge_runtime.models.manifest import ManifestArtifact
 
-from .tflite_config import DecoderSpec, read_decoder_spec, shard_paths
-from .worker_process import follow_worker
+from edge_runtime.converters.tflite_config import DecoderSpec, read_decoder_spec, shard_paths
+from edge_runtime.converters.worker_process import follow_worker
 
 __all__ = [
     "QUANT_RECIPES",
     "TfliteConversionResult",
-    "artifact_from_tflite",
     "companion_files",
     "convert_hf_to_tflite",
     "recipe_for_type",
@@ -153,7 +152,7 @@ def convert_hf_to_tflite(
 def tflite_manifest_entry(path: Path, *, role: str, profiles: tuple[str, ...] = (),
                           build: dict[str, Any] | None = None) -> ManifestArtifact:
     """A manifest entry for a finished .tflite file (read from the file and its description, hashed)."""
-    from edge_runtime.store import file_sha256
+    from edge_runtime.models.store import file_sha256
 
     art = artifact_from_tflite(path)
     return ManifestArtifact(

@@ -41,14 +41,14 @@ def options(request: pytest.FixtureRequest) -> SuiteOptions:
 
 @pytest.fixture(scope="session")
 def device() -> Any:
-    from edge_runtime.device import detect
+    from edge_runtime.device.info import detect
 
     return detect()
 
 
 @pytest.fixture(scope="session")
 def profile(device: Any) -> Any:
-    from edge_runtime.profiles import match_profile
+    from edge_runtime.planning.profiles import match_profile
 
     return match_profile(device)
 
@@ -56,8 +56,8 @@ def profile(device: Any) -> Any:
 @pytest.fixture(scope="session")
 def plan(options: SuiteOptions, device: Any, profile: Any) -> Any:
     """What ``edgert plan`` chooses for the model on this device."""
-    from edge_runtime.planner import choose_plan
-    from edge_runtime.model_spec import find_artifacts
+    from edge_runtime.planning.planner import choose_plan
+    from edge_runtime.models.spec import find_artifacts
 
     return choose_plan(find_artifacts(options.model), device, profile)
 
@@ -75,7 +75,7 @@ def model(plan: Any) -> Any:
 @pytest.fixture(scope="session")
 def bench_result(options: SuiteOptions, plan: Any) -> dict[str, Any]:
     """One ``edgert bench`` of the planned artifact with the plan's settings, saved as bench.json."""
-    from edge_runtime.bench import BenchRequest, run_bench
+    from edge_runtime.bench.runner import BenchRequest, run_bench
     from edge_runtime.files import atomic_write
 
     # The plan's own context, unless it is too short for the longest prompt (a tight memory fit).
@@ -107,7 +107,7 @@ def reference_for(artifact_path: str) -> tuple[Reference | None, str]:
     ``artifact_sha256``, ``max_tokens``, ``add_bos`` and ``prompts`` (each ``prompt``,
     ``continuation`` and the continuation's ``tokens``).
     """
-    from edge_runtime.manifest import has_manifest, read_manifest
+    from edge_runtime.models.manifest import has_manifest, read_manifest
 
     folder = Path(artifact_path).parent
     if not has_manifest(folder):

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import MEMORY_TOLERANCE, reference_for
+from edge_runtime.device_tests.conftest import MEMORY_TOLERANCE, reference_for
 
 MIB = 1 << 20
 # A quantized artifact's free-running greedy text leaves the unquantized reference early (a
@@ -91,8 +91,8 @@ def test_greedy_output_matches_reference(plan: Any, model: Any) -> None:
 
 
 def test_decode_reaches_profile_floor(bench_result: dict[str, Any]) -> None:
-    from edge_runtime.bench import BenchResult
-    from edge_runtime.report import floor_check
+    from edge_runtime.bench.runner import BenchResult
+    from edge_runtime.report.tables import floor_check
 
     check = floor_check(BenchResult.from_dict(bench_result))
     if check.status == "not measured":

@@ -43,8 +43,8 @@ def _get(url: str) -> int:
 
 
 def test_server_answers(plan: Any) -> None:
-    if importlib.util.find_spec("edge_runtime.server") is None:
-        pytest.skip("edge_runtime.server is not part of this edgert yet")
+    if importlib.util.find_spec("edge_runtime.server.app") is None:
+        pytest.skip("edge_runtime.server.app is not part of this edgert yet")
     if importlib.util.find_spec("uvicorn") is None:
         pytest.skip('the server stack is not installed (pip install "edge-runtime[server]")')
     port = _free_port()

@@ -7,7 +7,7 @@ corpus. The user's own text (``--text FILE``, ``--prompt-file``) always takes pr
 
 from __future__ import annotations
 
-from .errors import EdgeRuntimeError
+from edge_runtime.errors import EdgeRuntimeError
 
 SOURCE_NAME = "pydoc_data.topics (the Python documentation)"
 

@@ -13,9 +13,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .backends.base import CancelToken, GenerationStats, Model, SamplingParams, TokenEvent
-from .errors import ContextLengthExceededError, InvalidConfigError
-from .files import atomic_write
+from edge_runtime.backends.base import CancelToken, GenerationStats, Model, SamplingParams, TokenEvent
+from edge_runtime.errors import ContextLengthExceededError, InvalidConfigError
+from edge_runtime.files import atomic_write
 
 # Used when a model carries no template of its own: ChatML, which most small instruct models use.
 FALLBACK_TEMPLATE = (

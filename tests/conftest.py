@@ -23,14 +23,14 @@ def edgert_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
-    from edge_runtime.model_spec import resolve_model
+    from edge_runtime.models.spec import resolve_model
 
     return resolve_model("smollm2")
 
 
 @pytest.fixture(scope="session")
 def gemma_path(edgert_home: Path) -> Path:
-    from edge_runtime.model_spec import resolve_model
+    from edge_runtime.models.spec import resolve_model
 
     return resolve_model("gemma3-270m")
 
@@ -39,7 +39,7 @@ def gemma_path(edgert_home: Path) -> Path:
 def smollm2(smollm2_path: Path):
     """One loaded SmolLM2 for the session: tests share it, as a server's requests would."""
     from edge_runtime.backends.base import Settings
-    from edge_runtime.backends.llamacpp import LlamaCppModel
+    from edge_runtime.backends.llamacpp.model import LlamaCppModel
 
     model = LlamaCppModel(str(smollm2_path), Settings(n_ctx=2048, n_threads=2))
     yield model

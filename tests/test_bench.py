@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from edge_runtime.bench_schema import BENCH_SCHEMA, check_bench_document, schema_errors
+from edge_runtime.bench.schema import BENCH_SCHEMA, check_bench_document, schema_errors
 from edge_runtime.errors import InvalidConfigError
 
 PROMPTS = (8, 16)
@@ -79,8 +79,8 @@ def test_table_goes_to_stdout_and_progress_to_stderr(bench_run):
 
 
 def test_weights_per_token_count_a_tied_head_whole(smollm2_path):
-    from edge_runtime.gguf_file import read_gguf_header
-    from edge_runtime.roofline import weights_read_per_token
+    from edge_runtime.formats.gguf import read_gguf_header
+    from edge_runtime.bench.roofline import weights_read_per_token
 
     header = read_gguf_header(smollm2_path)
     embd = header.tensor("token_embd.weight")
@@ -90,8 +90,8 @@ def test_weights_per_token_count_a_tied_head_whole(smollm2_path):
 
 
 def test_kv_traffic_grows_with_position_and_stops_at_the_window(gemma_path):
-    from edge_runtime.gguf_file import read_gguf_header
-    from edge_runtime.roofline import kv_read_per_token
+    from edge_runtime.formats.gguf import read_gguf_header
+    from edge_runtime.bench.roofline import kv_read_per_token
 
     header = read_gguf_header(gemma_path)
     window = header.arch_key("attention.sliding_window")
@@ -102,7 +102,7 @@ def test_kv_traffic_grows_with_position_and_stops_at_the_window(gemma_path):
 
 
 def test_bandwidth_measurement_is_positive():
-    from edge_runtime.roofline import measure_bandwidth
+    from edge_runtime.bench.roofline import measure_bandwidth
 
     measured = measure_bandwidth(32 << 20, threads=2, passes=2)
     assert measured.bytes_s > 0 and math.isfinite(measured.bytes_s)
@@ -142,7 +142,7 @@ def test_model_and_artifacts_together_is_a_usage_error(edgert_cmd, smollm2_path)
 
 
 def test_energy_counter_sums_packages_and_survives_a_wrap(tmp_path):
-    from edge_runtime.bench_sensors import EnergyCounter
+    from edge_runtime.device.sensors import EnergyCounter
 
     def domain(name, energy, span=1_000_000):
         folder = tmp_path / name

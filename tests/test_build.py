@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from edge_runtime.converters.build import BuildRequest, build, plan_rungs
 from edge_runtime.errors import InvalidConfigError, ModelNotFoundError
-from edge_runtime.manifest import read_manifest, verify_manifest
+from edge_runtime.models.manifest import read_manifest, verify_manifest
 
 PROFILES = ("raspberry-pi-4-4gb", "apple-m2-8gb")  # first rungs: Q4_0, Q4_1 / Q4_K_M, Q4_0
 N_CTX = 128
@@ -81,9 +81,9 @@ def test_two_profiles_build_their_rungs_with_quality_figures(two_profile_build):
 
 
 def test_the_build_is_in_the_store_and_the_planner_walks_its_ladder(two_profile_build):
-    from edge_runtime.planner import choose_plan
-    from edge_runtime.profiles import get_profile
-    from edge_runtime.model_spec import find_artifacts
+    from edge_runtime.planning.planner import choose_plan
+    from edge_runtime.planning.profiles import get_profile
+    from edge_runtime.models.spec import find_artifacts
 
     _, result, _ = two_profile_build
     assert result.stored_as == "smollm2-135m-instruct"
@@ -170,7 +170,7 @@ def test_interrupted_in_a_progress_callback_leaves_no_partial_file(tiny_llama_di
 
 def _convert_process(source: str, out: Path) -> subprocess.Popen:
     """`edgert convert` in its own process group, as a terminal runs a job."""
-    code = ("import sys; from edge_runtime.cli import cli; from edge_runtime.cli_convert import convert; "
+    code = ("import sys; from edge_runtime.cli import cli; from edge_runtime.cli.convert import convert; "
             "cli.add_command(convert); cli(sys.argv[1:], prog_name='edgert')")
     args = ["convert", source, "--out", str(out), "--quant", "Q8_0", "--no-eval", "--no-store", "--threads", "1"]
     return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -234,7 +234,7 @@ def test_rungs_come_from_the_profiles_ladders_or_from_quant(monkeypatch):
 
     from dataclasses import replace
 
-    from edge_runtime import profiles as profiles_module
+    from edge_runtime.planning import profiles as profiles_module
 
     real = profiles_module.load_profiles()
     fake = {**real, "imatrix-first": replace(real["generic"], id="imatrix-first",
@@ -256,7 +256,7 @@ def test_bad_requests_fail_before_anything_is_written(tmp_path):
 
 def test_list_supported_architectures():
     from edge_runtime.cli import cli
-    from edge_runtime.cli_convert import convert
+    from edge_runtime.cli.convert import convert
 
     if "convert" not in cli.commands:
         cli.add_command(convert)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edge_runtime.manifest import read_manifest, verify_manifest
+from edge_runtime.models.manifest import read_manifest, verify_manifest
 
 MISSING = [m for m in ("litert_torch", "ai_edge_litert", "onnxruntime_genai", "onnx")
            if importlib.util.find_spec(m) is None]
@@ -25,7 +25,7 @@ ARGS = ["--format", "gguf,tflite,onnx", "--outtype", "f32", "--quant", "Q8_0,int
 
 def _convert(src: Path, out: Path, text: Path) -> dict:
     from edge_runtime.cli import cli
-    from edge_runtime.cli_convert import convert
+    from edge_runtime.cli.convert import convert
 
     if "convert" not in cli.commands:
         cli.add_command(convert)
@@ -94,8 +94,8 @@ def test_each_backend_runs_from_the_folder(three_formats, backend, edgert_cmd):
 
 
 def test_the_store_keeps_what_tflite_and_onnx_need(three_formats, edgert_cmd):
-    from edge_runtime.store import add_model, store_root
-    from edge_runtime.model_spec import find_artifacts
+    from edge_runtime.models.store import add_model, store_root
+    from edge_runtime.models.spec import find_artifacts
 
     out, _, _ = three_formats
     stored = add_model(out, name="tiny-three-formats")

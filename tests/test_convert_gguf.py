@@ -26,7 +26,7 @@ from edge_runtime.converters.pretokenizers import CHECK_TEXT, CHECK_TEXT_SHA256
 from edge_runtime.converters.quantize import QUANT_TYPES, quantize_gguf
 from edge_runtime.errors import (EdgeRuntimeError, InvalidConfigError, InvalidModelFileError, ModelNotFoundError,
                                  UnsupportedModelError)
-from edge_runtime.gguf_file import read_gguf_header
+from edge_runtime.formats.gguf import read_gguf_header
 from tiny_models import CHAT_TEMPLATE, PLAIN_ADDED_TOKEN
 
 TEXTS = [
@@ -366,7 +366,7 @@ def tiny_256_gguf(tiny_llama_256_dir: Path, gguf_dir: Path) -> Path:
 
 def _loads_and_generates(path: Path) -> None:
     from edge_runtime.backends.base import SamplingParams, Settings
-    from edge_runtime.backends.llamacpp import LlamaCppModel
+    from edge_runtime.backends.llamacpp.model import LlamaCppModel
 
     model = LlamaCppModel(str(path), Settings(n_ctx=256, n_threads=2))
     try:

@@ -10,18 +10,10 @@ from pathlib import Path
 import pytest
 
 from edge_runtime.backends.base import Availability
-from edge_runtime.device import (
-    BoardInfo,
-    CpuInfo,
-    DeviceInfo,
-    GpuInfo,
-    MemoryInfo,
-    ThermalInfo,
-    detect,
-    format_device,
-)
-from edge_runtime.device_cpu import cpu_features, parse_cpu_list, parse_cpuinfo, parse_sysctl
-from edge_runtime.device_readers import parse_meminfo, parse_tegra_release, parse_throttled
+from edge_runtime.device.info import BoardInfo, CpuInfo, DeviceInfo, GpuInfo, MemoryInfo, ThermalInfo, detect
+from edge_runtime.device.describe import format_device
+from edge_runtime.device.cpu import cpu_features, parse_cpu_list, parse_cpuinfo, parse_sysctl
+from edge_runtime.device.readers import parse_meminfo, parse_tegra_release, parse_throttled
 
 MACHINES = Path(__file__).parent / "data" / "device"
 GIB = 1024**3

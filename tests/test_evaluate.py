@@ -126,7 +126,7 @@ def test_quality_report_round_trips():
 
 def _cli():
     from edge_runtime.cli import cli
-    from edge_runtime.cli_convert import convert, eval_
+    from edge_runtime.cli.convert import convert, eval_
 
     for command in (convert, eval_):
         if command.name not in cli.commands:

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import pytest
 
 from edge_runtime.errors import InvalidModelFileError, ModelNotFoundError
-from edge_runtime.gguf_file import GGUFArray, GGUFHeader, describe_gguf, gguf_constants, read_gguf_header
+from edge_runtime.formats.gguf import GGUFArray, GGUFHeader, describe_gguf, gguf_constants, read_gguf_header
 
 _C = gguf_constants()
 T_UINT32, T_STRING, T_ARRAY = (int(_C.GGUFValueType[n]) for n in ("UINT32", "STRING", "ARRAY"))

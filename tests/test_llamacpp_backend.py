@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from edge_runtime.backends.base import CancelToken, SamplingParams, Settings
-from edge_runtime.backends.llamacpp import LlamaCppModel
+from edge_runtime.backends.llamacpp.model import LlamaCppModel
 from edge_runtime.errors import ContextLengthExceededError, EdgeRuntimeError
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24)

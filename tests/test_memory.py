@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from edge_runtime.errors import InvalidConfigError
-from edge_runtime.gguf_file import GGUFArray, GGUFHeader, GGUFTensor, read_gguf_header
-from edge_runtime.memory import MemoryEstimate, estimate_memory
+from edge_runtime.formats.gguf import GGUFArray, GGUFHeader, GGUFTensor, read_gguf_header
+from edge_runtime.planning.memory import MemoryEstimate, estimate_memory
 
 MiB = 1 << 20
 NO_REPACK: frozenset[str] = frozenset()  # a CPU whose kernels repack nothing: weights stay mapped

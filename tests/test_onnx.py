@@ -89,7 +89,7 @@ def run(model, tokens, params=GREEDY, cancel=None):
 
 def forced_logprobs(model, tokens: list[int]) -> np.ndarray:
     """Log-probabilities after each token, feeding the text one token at a time."""
-    from edge_runtime.backends._onnx_native import GenaiSequence
+    from edge_runtime.backends.onnx.native import GenaiSequence
 
     seq = GenaiSequence(model.og_model, model.info.n_ctx)
     rows = []
@@ -104,7 +104,7 @@ def forced_logprobs(model, tokens: list[int]) -> np.ndarray:
 
 
 def test_conversion_writes_a_complete_folder_with_the_chat_template(fp32_dir, tiny_llama_dir):
-    from edge_runtime.converters.to_onnx import artifact_from_onnx
+    from edge_runtime.models.artifact import artifact_from_onnx
 
     names = {p.name for p in fp32_dir.iterdir()}
     assert {"genai_config.json", "model.onnx", "model.onnx.data", "tokenizer.json", "edgert_onnx.json"} <= names
@@ -351,10 +351,10 @@ def test_probe_and_a_light_import():
 
 
 def test_the_planner_picks_onnx_when_it_is_the_only_backend_for_the_artifact(fp32_dir):
-    from edge_runtime.backends.onnx import artifact_from_onnx
-    from edge_runtime.device import detect
-    from edge_runtime.planner import PlanRequest, choose_plan
-    from edge_runtime.profiles import match_profile
+    from edge_runtime.models.artifact import artifact_from_onnx
+    from edge_runtime.device.info import detect
+    from edge_runtime.planning.planner import PlanRequest, choose_plan
+    from edge_runtime.planning.profiles import match_profile
 
     device = detect()
     plan = choose_plan([artifact_from_onnx(fp32_dir)], device, match_profile(device), PlanRequest(ctx=128))
@@ -368,8 +368,8 @@ def test_the_planner_picks_onnx_when_it_is_the_only_backend_for_the_artifact(fp3
 @pytest.fixture(scope="module")
 def convert_output(fp32_dir, tmp_path_factory) -> Path:
     """A convert output folder: manifest.json beside the ONNX folder."""
-    from edge_runtime.backends.onnx import artifact_from_onnx
-    from edge_runtime.manifest import Manifest, ManifestArtifact, folder_sha256, write_manifest
+    from edge_runtime.models.artifact import artifact_from_onnx
+    from edge_runtime.models.manifest import Manifest, ManifestArtifact, folder_sha256, write_manifest
 
     root = tmp_path_factory.mktemp("tiny-out")
     folder = root / fp32_dir.name

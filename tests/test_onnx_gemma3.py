@@ -29,7 +29,8 @@ def test_gemma3_fp32_greedy_tokens_equal_transformers(gemma3_fp32, tiny_gemma3_d
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edge_runtime.backends.onnx import OnnxBackend, read_onnx_folder
+    from edge_runtime.backends.onnx import OnnxBackend
+    from edge_runtime.formats.onnx import read_onnx_folder
 
     folder = read_onnx_folder(gemma3_fp32)
     assert folder.arch == "gemma3_text" and folder.sliding_window == 4

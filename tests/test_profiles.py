@@ -8,17 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.device import (
-    BoardInfo,
-    CpuInfo,
-    DeviceInfo,
-    GpuInfo,
-    MemoryInfo,
-    OsInfo,
-    detect,
-)
+from edge_runtime.device.info import BoardInfo, CpuInfo, DeviceInfo, GpuInfo, MemoryInfo, OsInfo, detect
 from edge_runtime.errors import InvalidConfigError
-from edge_runtime.profiles import (
+from edge_runtime.planning.profiles import (
     DeviceProfile,
     explain_match,
     format_match,

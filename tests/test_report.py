@@ -9,9 +9,9 @@ import subprocess
 
 import pytest
 
-from edge_runtime.bench_schema import load_runs
+from edge_runtime.bench.schema import load_runs
 from edge_runtime.errors import InvalidConfigError
-from edge_runtime.report import build_report, floor_check, pareto_front, quality_metric
+from edge_runtime.report.tables import build_report, floor_check, pareto_front, quality_metric
 
 
 def edgert(cmd, *args, timeout=300):
@@ -120,7 +120,7 @@ def test_report_renders_a_two_device_fleet(fleet_file, bench_file, tmp_path):
 
 
 def test_floor_check_compares_the_floor_model_only(fleet_file):
-    from edge_runtime.bench import BenchResult
+    from edge_runtime.bench.runner import BenchResult
 
     pi, _ = load_runs(fleet_file)
     check = floor_check(BenchResult.from_dict(pi))

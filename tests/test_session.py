@@ -7,7 +7,7 @@ import json
 import pytest
 
 from edge_runtime.backends.base import SamplingParams, Settings
-from edge_runtime.backends.llamacpp import LlamaCppModel
+from edge_runtime.backends.llamacpp.model import LlamaCppModel
 from edge_runtime.errors import ContextLengthExceededError, InvalidConfigError
 from edge_runtime.session import FALLBACK_TEMPLATE, Session, TemplateError, compile_template
 

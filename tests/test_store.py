@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edge_runtime import model_spec, store
+from edge_runtime.models import spec as model_spec
+from edge_runtime.models import store
 from edge_runtime.errors import InvalidConfigError, InvalidModelFileError, ModelNotFoundError
-from edge_runtime.manifest import Manifest, read_manifest, verify_manifest, write_manifest
-from edge_runtime.planner import choose_plan
-from edge_runtime.profiles import get_profile
+from edge_runtime.models.manifest import Manifest, read_manifest, verify_manifest, write_manifest
+from edge_runtime.planning.planner import choose_plan
+from edge_runtime.planning.profiles import get_profile
 
 from synthetic_gguf import Q, write_llama_gguf
 
@@ -49,7 +50,7 @@ def convert_output(folder: Path, types=(Q.F16, Q.Q8_0, Q.Q4_0), model: str = "ti
 def machine(total_gib: float, available_gib: float):
     """A hand-built 4-core ARM board with llama.cpp on the CPU (what this machine is not)."""
     from edge_runtime.backends.base import Availability
-    from edge_runtime.device import CpuInfo, DeviceInfo, MemoryInfo
+    from edge_runtime.device.info import CpuInfo, DeviceInfo, MemoryInfo
 
     return DeviceInfo(
         cpu=CpuInfo(model="test cpu", arch="aarch64", physical_cores=4, logical_cores=4,

@@ -115,8 +115,9 @@ def _hf_greedy(src: Path, prompt: list[int], n: int) -> list[int]:
 
 
 def test_the_artifact_describes_itself(tflite_f32, tiny_llama_dir):
-    from edge_runtime.backends.tflite import artifact_from_tflite, estimate_memory
-    from edge_runtime.backends.tflite_signatures import read_tflite_layout
+    from edge_runtime.models.artifact import artifact_from_tflite
+    from edge_runtime.backends.tflite import estimate_memory
+    from edge_runtime.formats.tflite import read_tflite_layout
 
     layout = read_tflite_layout(tflite_f32)
     assert set(layout.signatures) == {"prefill_8", "prefill_32", "decode"}
@@ -164,7 +165,7 @@ def test_gemma3_f32_greedy_tokens_equal_transformers(request, tiny_gemma3_dir):
 
 def test_interpreter_engine_gives_the_same_tokens(tflite_f32, f32_model):
     # The classic Interpreter path is what tflite-runtime images run.
-    from edge_runtime.backends.tflite_engine import InterpreterEngine
+    from edge_runtime.backends.tflite.engine import InterpreterEngine
 
     prompt = f32_model.tokenize(PROMPT, add_bos=True)
     expected = _tokens(f32_model.generate(prompt, GREEDY))
@@ -307,7 +308,8 @@ def test_packed_weights_are_cached_once_and_a_damaged_cache_is_rebuilt(tflite_f3
 
 def test_a_missing_runtime_names_the_extra(tflite_f32, monkeypatch):
     from edge_runtime import backends
-    from edge_runtime.backends import tflite_engine, tflite_model
+    from edge_runtime.backends.tflite import engine as tflite_engine
+    from edge_runtime.backends.tflite import model as tflite_model
     from edge_runtime.backends.tflite import TfliteBackend
     from edge_runtime.errors import BackendUnavailableError
 
@@ -324,7 +326,7 @@ def test_a_missing_runtime_names_the_extra(tflite_f32, monkeypatch):
 
 
 def test_damaged_tables_are_invalid_files_never_crashes(tflite_f32, tmp_path):
-    from edge_runtime.backends.tflite_signatures import read_tflite_layout
+    from edge_runtime.formats.tflite import read_tflite_layout
 
     data = bytearray(tflite_f32.read_bytes())
     rng = np.random.default_rng(0)
@@ -346,9 +348,9 @@ def test_damaged_tables_are_invalid_files_never_crashes(tflite_f32, tmp_path):
 
 def _convert_folder(tflite: Path, folder: Path) -> Path:
     """A convert-style folder (manifest + artifact + tokenizer) holding one TFLite artifact."""
-    from edge_runtime.backends.tflite import artifact_from_tflite
-    from edge_runtime.manifest import Manifest, ManifestArtifact, write_manifest
-    from edge_runtime.store import file_sha256
+    from edge_runtime.models.artifact import artifact_from_tflite
+    from edge_runtime.models.manifest import Manifest, ManifestArtifact, write_manifest
+    from edge_runtime.models.store import file_sha256
 
     folder.mkdir()
     for path in tflite.parent.iterdir():
@@ -378,7 +380,7 @@ def test_cli_run_and_piped_chat_on_a_convert_folder(tflite_f32, f32_model, tmp_p
 
 
 def test_cli_run_on_a_tflite_file(tflite_f32, f32_model, edgert_cmd):
-    from edge_runtime.model_spec import find_artifacts
+    from edge_runtime.models.spec import find_artifacts
 
     found = find_artifacts(str(tflite_f32))
     assert found[0].format == "tflite" and found[0].n_ctx_train == KV_LEN

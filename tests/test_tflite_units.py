@@ -12,8 +12,8 @@ import pytest
 
 from edge_runtime.backends.base import SamplingParams
 from edge_runtime.backends.sampling import sample_token
-from edge_runtime.backends.tflite_model import plan_chunks
-from edge_runtime.backends.tflite_signatures import parse_version, runtime_too_old
+from edge_runtime.backends.tflite.model import plan_chunks
+from edge_runtime.formats.tflite import parse_version, runtime_too_old
 
 KV_LEN = 128
 PREFILL = (8, 32)
@@ -38,7 +38,7 @@ def test_the_tflite_runtime_guard_refuses_older_runtimes_only():
 
 
 def test_the_guard_names_the_runtime_and_the_extra(tmp_path):
-    from edge_runtime.backends.tflite_engine import Runtime, check_runtime_supports
+    from edge_runtime.backends.tflite.engine import Runtime, check_runtime_supports
     from edge_runtime.errors import BackendUnavailableError
 
     class Layout:
@@ -89,7 +89,7 @@ def test_sampling_follows_the_llama_cpp_chain():
 
 
 def test_the_tokenizer_beside_a_model_behaves_as_llama_cpp_tokenize(tiny_tokenizer_dir):
-    from edge_runtime.backends.hf_tokenizer import HFTokenizer
+    from edge_runtime.backends.tokenizer import HFTokenizer
 
     tok = HFTokenizer(tiny_tokenizer_dir, eos_ids=[3])
     assert (tok.bos_token, tok.eos_token, tok.add_bos) == ("<|begin_of_text|>", "<|end_of_text|>", True)
@@ -101,7 +101,7 @@ def test_the_tokenizer_beside_a_model_behaves_as_llama_cpp_tokenize(tiny_tokeniz
 
 
 def test_streamed_text_is_whole_characters_and_adds_up(tiny_tokenizer_dir):
-    from edge_runtime.backends.hf_tokenizer import HFTokenizer
+    from edge_runtime.backends.tokenizer import HFTokenizer
 
     tok = HFTokenizer(tiny_tokenizer_dir)
     text = "Café déjà vu — 日本語のテキスト 🚀🦙 and\ttabs\n\n done"

@@ -155,8 +155,8 @@ def smollm2_tokenizer(rules: str = "smollm"):
     """SmolLM2's tokenizer rebuilt from the embedded GGUF's tokens and merges, with ``rules``."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    from edge_runtime.gguf_file import read_gguf_header
-    from edge_runtime.model_spec import resolve_model
+    from edge_runtime.formats.gguf import read_gguf_header
+    from edge_runtime.models.spec import resolve_model
 
     keys = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type")
     header = read_gguf_header(resolve_model("smollm2"), keep_arrays=keys)

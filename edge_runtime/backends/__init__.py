@@ -7,10 +7,15 @@ A backend's runtime is imported only by ``probe`` (which ``device`` and ``plan``
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ..errors import BackendUnavailableError
-from .base import Availability, Backend
+from edge_runtime.backends.base import Availability, Backend, Model, Settings
+from edge_runtime.errors import BackendUnavailableError, ModelNotFoundError
+
+if TYPE_CHECKING:
+    from edge_runtime.models.artifact import Artifact
 
 
 @dataclass(frozen=True)
@@ -90,3 +95,16 @@ def load_backend(name: str) -> type[Backend]:
         return resolve(spec.loader)  # type: ignore[return-value]
     except ImportError as exc:
         raise BackendUnavailableError(f"the {name} backend cannot be imported: {exc}", spec.install_hint) from exc
+
+
+def load_artifact(artifacts: Sequence[Artifact], settings: Settings, *, backend: str | None = None,
+                  what: str | None = None) -> Model:
+    """Load the first of ``artifacts`` that ``backend`` runs (without one: the first artifact on the
+    backend of its format). ``what`` names the model in the error when none fits."""
+    if backend is None:
+        backend = next(s.name for s in BACKENDS if artifacts[0].format in s.formats)
+    formats = backend_spec(backend).formats
+    artifact = next((a for a in artifacts if a.format in formats), None)
+    if artifact is None:
+        raise ModelNotFoundError(f"{what or 'the default model'} has no artifact for the {backend} backend")
+    return load_backend(backend).load(artifact.path, settings)

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from ..errors import ContextLengthExceededError, EdgeRuntimeError
+from edge_runtime.errors import ContextLengthExceededError, EdgeRuntimeError
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,31 @@ class Settings:
     def from_dict(cls, data: dict[str, Any]) -> Settings:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a model adds to a process: RAM parts (`total_bytes` is their sum) and VRAM."""
+
+    weights_bytes: int
+    kv_bytes: int
+    compute_bytes: int
+    overhead_bytes: int
+    total_bytes: int
+    vram_bytes: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        """The plan's `memory` object; `vram_bytes` only when something is offloaded."""
+        out = {
+            "weights_bytes": self.weights_bytes,
+            "kv_bytes": self.kv_bytes,
+            "compute_bytes": self.compute_bytes,
+            "overhead_bytes": self.overhead_bytes,
+            "total_bytes": self.total_bytes,
+        }
+        if self.vram_bytes:
+            out["vram_bytes"] = self.vram_bytes
+        return out
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .base import SamplingParams
+from edge_runtime.backends.base import SamplingParams
 
 
 def new_rng(params: SamplingParams) -> np.random.Generator:

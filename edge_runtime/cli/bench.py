@@ -1,0 +1,207 @@
+"""``edgert bench``, ``report`` and ``device-test``: measure this device and show what it does."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edge_runtime.errors import EdgeRuntimeError, InvalidConfigError
+
+MIB = 1 << 20
+
+
+def _int_list(values: tuple[str, ...] | str, what: str) -> tuple[int, ...]:
+    """Integers from repeated options and/or comma lists: ``--threads 2 --threads 4`` or ``2,4``."""
+    items = [values] if isinstance(values, str) else list(values)
+    out = []
+    for item in items:
+        for part in item.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if not part.isdigit() or int(part) < 1:
+                raise click.BadParameter(f"{part!r} is not a positive whole number", param_hint=what)
+            out.append(int(part))
+    return tuple(out)
+
+
+def _str_list(values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(p.strip() for v in values for p in v.split(",") if p.strip())
+
+
+class _RichProgress:
+    """The bench's progress as a rich bar on stderr, one line per measured artifact."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[step]}"), TimeElapsedColumn(),
+                                 console=Console(stderr=True))
+        self.task: Any = None
+
+    def __enter__(self) -> _RichProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def begin(self, label: str, total: int) -> None:
+        self.task = self.progress.add_task(label, total=total, step="")
+
+    def step(self, label: str) -> None:
+        self.progress.update(self.task, advance=1, step=label)
+
+
+def format_bench_table(doc: dict[str, Any]) -> str:
+    """The bench result as a table for the terminal."""
+    prompts = doc["method"]["prompt_tokens"]
+    head = (f"{'artifact':<32} {'backend':<10} {'thr':>3} {'decode tok/s':>15} {f'pp{prompts[-1]} tok/s':>16} "
+            f"{'TTFT ms ' + '/'.join(map(str, prompts)):>22} {'load s':>7} {'peak RSS':>9} {'ceiling':>8} {'eff':>5}")
+    lines = [head]
+    for r in doc["results"]:
+        label = f"{r['artifact']['name']} {r['artifact'].get('quant') or ''}".strip()
+        roof = r.get("roofline") or {}
+        eff = roof.get("efficiency")
+        ttft = "/".join(f"{r['ttft_ms'][str(n)]:.0f}" for n in prompts)
+        rss = f"{r['peak_rss_bytes'] / MIB:.0f} MiB" if r.get("peak_rss_bytes") else "—"
+        ceiling = f"{r['decode_ceiling_tok_s']:.0f}" if r.get("decode_ceiling_tok_s") else "—"
+        lines.append(f"{label[:32]:<32} {r['backend']:<10} {r['threads']:>3} "
+                     f"{r['decode_tok_s']:>8.1f} ± {r['decode_tok_s_sd']:<4.1f} "
+                     f"{r['prefill_tok_s']:>9.1f} ± {r['prefill_tok_s_sd']:<4.1f} {ttft:>22} {r['load_s']:>7.2f} "
+                     f"{rss:>9} {ceiling:>8} {'—' if eff is None else f'{eff:.0%}':>5}")
+    bw = doc["memory_bandwidth"]
+    first = doc["results"][0]
+    energy = first.get("energy") or {}
+    temp = first.get("temperature_c") or {}
+    lines.append("")
+    lines.append(f"read bandwidth {bw['gbs']:.1f} GB/s ({bw['threads']} threads) · "
+                 f"energy: {energy.get('note') or 'see JSON'} · CPU temperature "
+                 f"{temp.get('before') if temp.get('before') is not None else 'n/a'} → "
+                 f"{temp.get('after') if temp.get('after') is not None else 'n/a'} °C")
+    m = doc["method"]
+    lines.append(f"{m['reps']} reps after {m['warmup']} warm-up · decode {m['gen_tokens']} tokens after a "
+                 f"{m['decode_prompt_tokens']}-token prompt · greedy · prompt text: {m['prompt_source']}")
+    for skip in doc.get("skipped") or []:
+        lines.append(f"skipped {skip['artifact']} ({skip['backend']}): {skip['why']}")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("artifacts", nargs=-1)
+@click.option("--model", "-m", default=None, help="A model file, folder or name (default: the planner's choice).")
+@click.option("--backend", "backends", multiple=True, help="Backend(s) to measure; repeat or comma-separate.")
+@click.option("--threads", "threads", multiple=True, help="Thread count(s); repeat or comma-separate (e.g. 2,4).")
+@click.option("--ctx", type=click.IntRange(min=16), default=None, help="Context size (default: the plan's).")
+@click.option("--prompt-tokens", default="32,128,512", show_default=True, help="Prompt lengths for prefill and TTFT.")
+@click.option("--gen-tokens", type=click.IntRange(min=2), default=128, show_default=True, help="Tokens to decode.")
+@click.option("--reps", type=click.IntRange(min=1), default=5, show_default=True, help="Timed repetitions.")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Discarded warm-up rounds.")
+@click.option("--prompt-file", default=None, help="Text to build the prompts from (default: built-in).")
+@click.option("--profile", "profile_id", default=None, help="Device profile to plan with (default: matched).")
+@click.option("--bandwidth-mib", type=click.IntRange(min=32), default=512, show_default=True,
+              help="Buffer for the memory bandwidth pass (capped at a quarter of available RAM).")
+@click.option("--json", "json_out", is_flag=False, flag_value="-", default=None, metavar="[FILE]",
+              help="Write the result to FILE, or print it with --json alone.")
+def bench(artifacts: tuple[str, ...], model: str | None, backends: tuple[str, ...], threads: tuple[str, ...],
+          ctx: int | None, prompt_tokens: str, gen_tokens: int, reps: int, warmup: int, prompt_file: str | None,
+          profile_id: str | None, bandwidth_mib: int, json_out: str | None) -> None:
+    """Measure prefill, decode, TTFT, load time, memory and the roofline of models on this device."""
+    from edge_runtime.bench.runner import BenchRequest, run_bench
+    from edge_runtime.files import atomic_write
+
+    if model and artifacts:
+        raise click.UsageError("give --model or ARTIFACT arguments, not both")
+    request = BenchRequest(
+        models=tuple(artifacts) or (model,), backends=_str_list(backends),
+        threads=_int_list(threads, "--threads"), ctx=ctx, prompt_tokens=_int_list(prompt_tokens, "--prompt-tokens"),
+        gen_tokens=gen_tokens, reps=reps, warmup=warmup, prompt_file=prompt_file,
+        bandwidth_buffer_bytes=bandwidth_mib * MIB, profile=profile_id,
+    )
+    with _RichProgress() as progress:
+        result = run_bench(request, progress)
+    doc = result.to_dict()
+    text = json.dumps(doc, indent=1, allow_nan=False)
+    if json_out == "-":
+        click.echo(text)
+        return
+    if json_out:
+        atomic_write(json_out, text + "\n")
+    click.echo(format_bench_table(doc))
+    if json_out:
+        click.echo(f"wrote {json_out}", err=True)
+
+
+@click.command()
+@click.argument("results", nargs=-1, required=True)
+@click.option("--out", "out_dir", default="edgert-report", show_default=True, help="Folder to write the report into.")
+def report(results: tuple[str, ...], out_dir: str) -> None:
+    """Write report.html, report.md and report.json from bench result files (several: a fleet view)."""
+    from edge_runtime.report import build_report, recommendation_line, write_report
+
+    built = build_report(list(results))
+    written = write_report(built, out_dir)
+    for run in built.runs:
+        click.echo(f"{run.label}: floor {run.floor.status} ({run.floor.what}); "
+                   f"recommended: {recommendation_line(run.result)}")
+    for path in written:
+        if path.suffix != ".png":
+            click.echo(f"wrote {path}", err=True)
+
+
+def device_tests_folder() -> Path:
+    """Where the on-device suite lives: the installed package, else the checkout's folder."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("edge_runtime.device_tests")
+    except ModuleNotFoundError:
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    local = Path(__file__).resolve().parent.parent / "device_tests"
+    if (local / "conftest.py").is_file():
+        return local
+    raise EdgeRuntimeError("the device test suite is not installed with this edgert",
+                           "reinstall edge-runtime (the suite ships as edge_runtime.device_tests)")
+
+
+@click.command("device-test", context_settings={"ignore_unknown_options": True})
+@click.option("--model", "-m", default=None, help="The model to check (default: the planner's choice).")
+@click.option("--out", "out_dir", default="edgert-device-test", show_default=True,
+              help="Folder for the bench result, the report and the test log.")
+@click.option("--reps", type=click.IntRange(min=1), default=3, show_default=True, help="Bench repetitions.")
+@click.argument("pytest_args", nargs=-1, type=click.UNPROCESSED)
+def device_test(model: str | None, out_dir: str, reps: int, pytest_args: tuple[str, ...]) -> None:
+    """Check that this device meets its profile (runs the on-device pytest suite, writes a report).
+
+    Extra arguments go to pytest (e.g. -k floor, -x).
+    """
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("pytest") is None:
+        raise EdgeRuntimeError("edgert device-test runs its checks with pytest, which is not installed",
+                               "pip install pytest")
+    folder = device_tests_folder()
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "pytest", str(folder), "--rootdir", str(folder), "-p", "no:cacheprovider",
+               "-rs", f"--junitxml={out / 'device-tests.xml'}", f"--edgert-out={out}", f"--edgert-reps={reps}"]
+    if model:
+        command.append(f"--edgert-model={model}")
+    code = subprocess.call([*command, *pytest_args])
+    if (out / "report.html").is_file():
+        click.echo(f"report: {out / 'report.html'}", err=True)
+    click.echo(f"test log: {out / 'device-tests.xml'}", err=True)
+    if code not in (0, 5):  # 5: nothing collected (a -k that matched no test)
+        raise EdgeRuntimeError("the device does not pass every check (see the failures above)",
+                               f"the report in {out} has the measurements")
+    if code == 5:
+        raise InvalidConfigError("no device test matched", "check the -k expression")

@@ -1,0 +1,77 @@
+"""``edgert run`` and ``edgert chat``: one completion, or a conversation in the terminal."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Any
+
+import click
+
+from edge_runtime.cli.options import load_planned, model_options, sampling_params
+
+
+@click.command()
+@click.argument("prompt")
+@model_options
+@click.option("--chat", "as_chat", is_flag=True, help="Wrap PROMPT in the model's chat template.")
+@click.option("--system", default=None, help="System prompt (with --chat).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of the text.")
+def run(prompt: str, as_chat: bool, system: str | None, as_json: bool, **opts: Any) -> None:
+    """Complete PROMPT once and print the completion."""
+    from edge_runtime.cli.chat_loop import stats_line
+    from edge_runtime.session import Session
+
+    model, plan = load_planned(opts)
+    params = sampling_params(opts)
+    if as_chat:
+        stream = Session(model, system=system, params=params).send(prompt)
+    else:
+        tokens = model.tokenize(prompt, special=True, add_bos=model.info.add_bos)
+        stream = model.generate(tokens, params)
+    pieces, last = [], None
+    for event in stream:
+        pieces.append(event.text)
+        if not as_json and event.text:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        last = event
+    stats = last.stats if last else None
+    if as_json:
+        click.echo(json.dumps({
+            "model": plan.artifact.label, "text": "".join(pieces),
+            "finish_reason": last.finish_reason if last else None,
+            "stats": stats.to_dict() if stats else None,
+        }))
+    else:
+        sys.stdout.write("\n")
+    if opts["stats"] and stats:
+        click.echo(stats_line(stats), err=True)
+    model.close()
+
+
+@click.command()
+@model_options
+@click.option("--system", default=None, help="System prompt.")
+def chat(system: str | None, **opts: Any) -> None:
+    """Chat with a model in the terminal (one message per line when piped)."""
+    from edge_runtime.cli.chat_loop import ChatLoop
+    from edge_runtime.session import Session
+
+    model, plan = load_planned(opts)
+    interactive = sys.stdin.isatty()
+    notice = functools.partial(click.echo, err=True)
+    session = Session(model, system=system, params=sampling_params(opts),
+                      on_notice=lambda msg: notice(f"note: {msg}"))
+    if interactive:
+        import readline  # noqa: F401  (line editing and history for input())
+
+        gpu = "GPU" if plan.settings.n_gpu_layers else "CPU"
+        click.echo(f"edge-runtime · {plan.artifact.label} · {plan.backend} ({gpu}, {plan.settings.n_threads} "
+                   f"threads) · ctx {model.info.n_ctx}", err=True)
+        click.echo("/help lists commands · Ctrl-C stops an answer · Ctrl-D leaves", err=True)
+    try:
+        ChatLoop(session, interactive=interactive, show_stats=opts["stats"]).run()
+    finally:
+        model.close()

@@ -1,0 +1,46 @@
+"""Prometheus metrics of one server, in a registry of its own (no process-wide globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from edge_runtime.backends.base import GenerationStats
+
+
+class ServerMetrics:
+    """Requests, tokens, time to first token, decode speed, queue depth and busy slots."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("edgert_requests", "Completion requests by endpoint and HTTP status",
+                                ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("edgert_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.cached_tokens = Counter("edgert_cached_prompt_tokens",
+                                     "Prompt tokens served from the KV cache (prefix reuse)", registry=r)
+        self.generated_tokens = Counter("edgert_generated_tokens", "Tokens generated", registry=r)
+        self.finished = Counter("edgert_generations_finished", "Generations by finish reason", ["reason"],
+                                registry=r)
+        self.ttft = Histogram("edgert_time_to_first_token_seconds", "Request start to first token",
+                              buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
+        self.decode_speed = Histogram("edgert_decode_tokens_per_second", "Decode speed per request",
+                                      buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500), registry=r)
+        self.queue_depth = Gauge("edgert_queue_depth", "Requests waiting for a slot", registry=r)
+        self.slots_busy = Gauge("edgert_slots_busy", "Slots generating now", registry=r)
+
+    def observe(self, stats: GenerationStats | None, finish_reason: str) -> None:
+        """Record one finished generation."""
+        self.finished.labels(finish_reason).inc()
+        if stats is None:
+            return
+        self.prompt_tokens.inc(stats.prompt_tokens)
+        self.cached_tokens.inc(stats.cached_tokens)
+        self.generated_tokens.inc(stats.gen_tokens)
+        if stats.gen_tokens:
+            self.ttft.observe(stats.ttft_s)
+        if stats.decode_tok_s:
+            self.decode_speed.observe(stats.decode_tok_s)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
