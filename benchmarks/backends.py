@@ -112,7 +112,7 @@ def main() -> None:
         ])
     widths = [max(len(row[i]) for row in rows if i < len(row)) for i in range(len(head))]
     for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
     if base:
         print("\nratio to llama.cpp Q8_0 (same run):")
         for a in chosen[1:]:

@@ -32,8 +32,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.backends.base import default_threads
 from executables import find_edgert, find_llama_tool
+
+from edge_runtime.backends.base import default_threads
 
 DECODE_DEPTH = 16  # edgert's decode prompt; llama-bench's -d
 

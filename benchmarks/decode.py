@@ -39,8 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.backends.base import default_threads
 from executables import find_edgert, find_llama_tool
+
+from edge_runtime.backends.base import default_threads
 
 LIBRARY, COMPLETION, TUNED = "edgert generate (lib)", "create_completion", "create_completion, tuned"
 DEFAULT_PROMPT = (

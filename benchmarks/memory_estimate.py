@@ -114,7 +114,7 @@ def main() -> int:
                 ratios.append(ratio)
                 parts = (est.weights_bytes, est.kv_bytes, est.compute_bytes, est.overhead_bytes)
                 print(f"{label:<20} {n_ctx:>5} {got['prompt_tokens']:>6} "
-                      + " ".join(f"{p / mib:>{w}.1f}" for p, w in zip(parts, (8, 7, 8, 8)))
+                      + " ".join(f"{p / mib:>{w}.1f}" for p, w in zip(parts, (8, 7, 8, 8), strict=True))
                       + f" {est.total_bytes / mib:>9.1f} {got['peak_bytes'] / mib:>9.1f} {ratio:>6.3f}",
                       flush=True)
     inside = sum(0.85 <= r <= 1.15 for r in ratios)

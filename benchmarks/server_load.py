@@ -292,7 +292,7 @@ def div(a: float, b: float) -> float:
 
 
 def report(phases: dict[tuple[str, int], Phase], raw: tuple[float, float, list[str]] | None, turns: int) -> None:
-    ms = lambda x: f"{x * 1000:8.1f}"  # noqa: E731
+    ms = lambda x: f"{x * 1000:8.1f}"
     print(f"\n{'server':<18} {'clients':>7} {'TTFT p50 t2-' + str(turns):>13} {'p95':>8} {'t1 p50':>8} "
           f"{'agg tok/s':>10} {'answers':>8} {'empty/cut':>10} {'errors':>7}   (ms)")
     for (engine, n), ph in phases.items():
@@ -383,12 +383,15 @@ def main() -> None:
     if args.skip_llama_cpp_server:
         print("llama-cpp-python server: skipped (--skip-llama-cpp-server)")
     else:
-        try:
-            import fastapi, pydantic_settings, sse_starlette, starlette_context  # noqa: E401, F401
+        import importlib.util
+
+        missing = [m for m in ("fastapi", "pydantic_settings", "sse_starlette", "starlette_context")
+                   if importlib.util.find_spec(m) is None]
+        if missing:
+            print(f"llama-cpp-python server: skipped, its extras are missing ({', '.join(missing)}); install them "
+                  f"with `.venv/bin/pip install \"llama-cpp-python[server]\"`")
+        else:
             engines.append("llama")
-        except ImportError as exc:
-            print(f"llama-cpp-python server: skipped, its extras are missing ({exc.name}); install them with "
-                  f"`.venv/bin/pip install \"llama-cpp-python[server]\"`")
     ports = {e: free_port() for e in engines}
     t = str(args.threads)
     argv = {

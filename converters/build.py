@@ -18,26 +18,32 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.models.artifact import FLOAT_TYPES
-from edge_runtime.errors import InvalidConfigError, ModelNotFoundError
-from edge_runtime.models.manifest import Manifest, ManifestArtifact
-
-from edge_runtime.converters.build_formats import FormatOptions, OtherFormats, plan_other_rungs, scoring_positions, split_quants
+from edge_runtime.converters.build_formats import (
+    FormatOptions,
+    OtherFormats,
+    plan_other_rungs,
+    scoring_positions,
+    split_quants,
+)
 from edge_runtime.converters.build_steps import (
     BuildEvent,
     OutputFolder,
+    TargetProfile,
     artifact_entry,
     evaluate_artifacts,
     reference_continuations,
     source_identity,
     tool_versions,
 )
+from edge_runtime.errors import InvalidConfigError, ModelNotFoundError
+from edge_runtime.models.artifact import FLOAT_TYPES
+from edge_runtime.models.manifest import Manifest, ManifestArtifact
 
 RUNGS_PER_PROFILE = 2
 
@@ -50,7 +56,7 @@ class BuildRequest:
 
     source: str  # HF folder, .gguf file, or a model name (store or embedded)
     out: str | None = None  # default ./out/<model>/
-    profiles: tuple[str, ...] = ()
+    profiles: tuple[TargetProfile, ...] = ()
     quants: tuple[str, ...] | None = None  # overrides the profiles' rungs
     outtype: str = "f16"
     evaluate: bool = True
@@ -87,15 +93,11 @@ class BuildResult:
         return self.folder / "manifest.json"
 
 
-def plan_rungs(profile_ids: tuple[str, ...], quants: tuple[str, ...] | None,
+def plan_rungs(profiles: Sequence[TargetProfile], quants: tuple[str, ...] | None,
                outtype: str) -> tuple[list[Rung], list[str]]:
     """The quantized types to build (base excluded) and warnings about rungs skipped."""
-    from edge_runtime.planning.profiles import get_profile, load_profiles
-
     from edge_runtime.converters.quantize import NEEDS_IMATRIX, normalize_qtype
 
-    found = load_profiles()
-    profiles = [get_profile(p, found) for p in profile_ids]
     warnings: list[str] = []
     chosen: dict[str, list[str]] = {}
     if quants is not None:
@@ -135,8 +137,8 @@ def _bits(qtype: str) -> float:
 def resolve_source(spec: str) -> tuple[Path, str]:
     """The source as a path (HF folder or GGUF file) and the model's name for file names."""
     from edge_runtime.models.manifest import has_manifest
-    from edge_runtime.models.store import model_slug
     from edge_runtime.models.spec import find_artifacts
+    from edge_runtime.models.store import model_slug
 
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -283,7 +285,7 @@ class _State:
 
     def _reusable(self, file: str, build: dict[str, Any]) -> ManifestArtifact | None:
         """The previous entry for ``file`` when it was built the same way and still matches."""
-        from edge_runtime.models.store import file_sha256
+        from edge_runtime.files import file_sha256
 
         old = self.previous.find(file) if self.previous else None
         path = self.folder / file
@@ -298,7 +300,7 @@ class _State:
         return entry
 
     def make_base(self, src: Path, outtype: str, profiles: tuple[str, ...], emit: OnEvent) -> ManifestArtifact:
-        from edge_runtime.converters.hf_to_gguf import convert_to_gguf
+        from edge_runtime.converters.gguf_source import convert_to_gguf
 
         file = f"{self.model}-{outtype}.gguf"
         build = {"source_sha256": self.source["sha256"], "outtype": outtype,

@@ -12,16 +12,15 @@ settings) matches and the file (or the ONNX folder's files) still hash the same.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from edge_runtime.converters.build_steps import BuildEvent, TargetProfile
 from edge_runtime.errors import InvalidConfigError
 from edge_runtime.models.manifest import Manifest, ManifestArtifact
-
-from edge_runtime.converters.build_steps import BuildEvent
 
 FORMATS = ("gguf", "tflite", "onnx")
 BACKEND_FORMATS = {"llama.cpp": "gguf", "tflite": "tflite", "onnx": "onnx"}
@@ -57,16 +56,12 @@ def parse_formats(text: str | None) -> tuple[str, ...] | None:
     return names
 
 
-def default_formats(profile_ids: tuple[str, ...]) -> tuple[str, ...]:
-    """The formats the named profiles' backend orders list and have ladders for; gguf without profiles."""
-    if not profile_ids:
+def default_formats(profiles: Sequence[TargetProfile]) -> tuple[str, ...]:
+    """The formats the profiles' backend orders list and have ladders for; gguf without profiles."""
+    if not profiles:
         return ("gguf",)
-    from edge_runtime.planning.profiles import get_profile, load_profiles
-
-    found = load_profiles()
     wanted: list[str] = []
-    for pid in profile_ids:
-        p = get_profile(pid, found)
+    for p in profiles:
         for backend in p.backends:
             fmt = BACKEND_FORMATS.get(backend)
             if fmt and p.quant_ladder(fmt) and fmt not in wanted:
@@ -97,8 +92,9 @@ def split_quants(quants: tuple[str, ...], formats: tuple[str, ...]) -> dict[str,
     for q in quants:
         known = [f for f in formats if type_for(f, q) is not None]
         if not known:
-            raise InvalidConfigError(f"no format among {', '.join(formats)} has a type {q!r}",
-                                     "GGUF: Q4_0, Q4_K_M, Q8_0...; TFLite: int8, int4, fp16, f32; ONNX: int8, int4, fp32")
+            raise InvalidConfigError(
+                f"no format among {', '.join(formats)} has a type {q!r}",
+                "GGUF: Q4_0, Q4_K_M, Q8_0...; TFLite: int8, int4, fp16, f32; ONNX: int8, int4, fp32")
         for f in known:
             out[f].append(q)
     return {f: tuple(v) for f, v in out.items()}
@@ -111,14 +107,11 @@ def base_type(fmt: str, outtype: str) -> str | None:
     return "fp32"
 
 
-def plan_other_rungs(formats: tuple[str, ...], profile_ids: tuple[str, ...], quants: dict[str, tuple[str, ...]] | None,
-                     outtype: str, per_profile: int, *, reference_format: str | None = None) -> FormatRungs:
+def plan_other_rungs(formats: tuple[str, ...], profiles: Sequence[TargetProfile],
+                     quants: dict[str, tuple[str, ...]] | None, outtype: str, per_profile: int, *,
+                     reference_format: str | None = None) -> FormatRungs:
     """TFLite/ONNX types to build. The base is built with ``--outtype f32``, when nothing else is,
     and in ``reference_format``: the build's quality reference when it makes no GGUF."""
-    from edge_runtime.planning.profiles import get_profile, load_profiles
-
-    found = load_profiles()
-    profiles = [get_profile(p, found) for p in profile_ids]
     plan = FormatRungs()
     for fmt in (f for f in formats if f != "gguf"):
         chosen: dict[str, list[str]] = {}
@@ -181,8 +174,8 @@ class OtherFormats:
         return self._hf
 
     def _reusable(self, file: str, build: dict[str, Any], companions: tuple[Path, ...] = ()) -> ManifestArtifact | None:
+        from edge_runtime.files import file_sha256
         from edge_runtime.models.manifest import _size, folder_sha256
-        from edge_runtime.models.store import file_sha256
 
         old = self.previous.find(file) if self.previous else None
         path = self.folder / file
@@ -200,10 +193,14 @@ class OtherFormats:
     def _tflite(self, qtype: str, profiles: tuple[str, ...], role: str) -> tuple[ManifestArtifact, bool]:
         from dataclasses import replace
 
+        from edge_runtime.converters.to_tflite import (
+            DEFAULT_PREFILL_LENGTHS,
+            convert_hf_to_tflite,
+            recipe_for_type,
+            tflite_file_name,
+            tflite_manifest_entry,
+        )
         from edge_runtime.formats.tflite import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, sidecar_path
-
-        from edge_runtime.converters.to_tflite import DEFAULT_PREFILL_LENGTHS, convert_hf_to_tflite, recipe_for_type, tflite_file_name
-        from edge_runtime.converters.to_tflite import tflite_manifest_entry
 
         recipe = recipe_for_type(qtype)
         file = tflite_file_name(self.model, recipe)
@@ -231,10 +228,9 @@ class OtherFormats:
     def _onnx(self, qtype: str, profiles: tuple[str, ...], role: str) -> tuple[ManifestArtifact, bool]:
         from dataclasses import replace
 
-        from edge_runtime.models.manifest import _size, folder_sha256
-
-        from edge_runtime.models.artifact import artifact_from_onnx
         from edge_runtime.converters.to_onnx import convert_hf_to_onnx, onnx_folder_name
+        from edge_runtime.models.artifact import artifact_from_onnx
+        from edge_runtime.models.manifest import _size, folder_sha256
 
         file = onnx_folder_name(self.model, qtype)
         provider = self.options.onnx_provider

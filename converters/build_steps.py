@@ -6,14 +6,27 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from edge_runtime.models.artifact import FLOAT_TYPES
 from edge_runtime.errors import EdgeRuntimeError, InvalidConfigError
+from edge_runtime.models.artifact import FLOAT_TYPES
 from edge_runtime.models.manifest import Manifest, ManifestArtifact
 
 if TYPE_CHECKING:
     from edge_runtime.converters.build import BuildRequest
+
+class TargetProfile(Protocol):
+    """What a build needs of a device profile: planning's ``DeviceProfile`` is one (the CLI resolves
+    ``--profile`` ids; converters never read profiles themselves)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def backends(self) -> tuple[str, ...]: ...
+
+    def quant_ladder(self, fmt: str) -> tuple[str, ...]: ...
+
 
 # Fixed prompts whose greedy continuation by the unquantized artifact the manifest records, so a
 # device (device_tests/, `edgert eval`) can check that what it runs still says the same thing.
@@ -50,7 +63,7 @@ class OutputFolder:
 
     def __enter__(self) -> OutputFolder:
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._handle = open(self.folder / self.LOCK_NAME, "a+b")  # noqa: SIM115 (held on purpose)
+        self._handle = open(self.folder / self.LOCK_NAME, "a+b")
         try:
             import fcntl
 
@@ -83,8 +96,8 @@ class OutputFolder:
 
 def source_identity(src: Path) -> dict[str, Any]:
     """What the source is and its sha256 (the same hash the converter records)."""
+    from edge_runtime.files import file_sha256
     from edge_runtime.formats.gguf import read_gguf_header
-    from edge_runtime.models.store import file_sha256
 
     if src.is_dir():
         from edge_runtime.converters import safetensors_source as st
@@ -104,23 +117,22 @@ def tool_versions(kind: str) -> dict[str, Any]:
     """The versions that decide what an artifact's bytes are."""
     from importlib.metadata import PackageNotFoundError, version
 
-    import llama_cpp
+    def installed(package: str) -> str | None:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return None
 
-    import edge_runtime
-
-    try:
-        gguf_version = version("gguf")
-    except PackageNotFoundError:
-        gguf_version = None
+    ours = installed("edge-runtime")
     converter = "hf_to_gguf" if kind == "hf" else "gguf_source (llama.cpp quantizer)"
-    return {"edge_runtime": edge_runtime.__version__, "converter": f"{converter} {edge_runtime.__version__}",
-            "llama_cpp_python": llama_cpp.__version__, "gguf": gguf_version}
+    return {"edge_runtime": ours, "converter": f"{converter} {ours}",
+            "llama_cpp_python": installed("llama-cpp-python"), "gguf": installed("gguf")}
 
 
 def artifact_entry(path: Path, role: str, profiles: tuple[str, ...], build: dict[str, Any]) -> ManifestArtifact:
     """A manifest entry for a finished GGUF file, read from its header and hashed."""
+    from edge_runtime.files import file_sha256
     from edge_runtime.formats.gguf import describe_gguf
-    from edge_runtime.models.store import file_sha256
 
     info = describe_gguf(path)
     return ManifestArtifact(
@@ -165,7 +177,7 @@ def evaluate_artifacts(
         reports = compare([folder / q.file for q in todo], folder / base.file, **options)
     else:
         reports = [evaluate(folder / base.file, None, **options)]
-    by_file = {q.file: r for q, r in zip(todo, reports)}
+    by_file = {q.file: r for q, r in zip(todo, reports, strict=True)}
     first = reports[0]
     ref_ppl = first.ppl_ref if todo else first.ppl
     base_report = QualityReport(
@@ -184,8 +196,8 @@ def reference_continuations(
     emit: Callable[[BuildEvent], None],
 ) -> dict[str, Any]:
     """The greedy continuation of each ``REFERENCE_PROMPTS`` prompt by the unquantized artifact."""
+    from edge_runtime.backends import load_backend
     from edge_runtime.backends.base import SamplingParams, Settings
-    from edge_runtime.backends.llamacpp.model import LlamaCppModel
 
     old = previous.reference if previous else None
     if (old and old.get("artifact_sha256") == base_sha and old.get("max_tokens") == REFERENCE_TOKENS
@@ -194,7 +206,7 @@ def reference_continuations(
         return old
     rows = []
     params = SamplingParams(max_tokens=REFERENCE_TOKENS, temperature=0.0)
-    with LlamaCppModel(str(base_path), Settings(n_ctx=REFERENCE_CTX, n_threads=threads)) as model:
+    with load_backend("llama.cpp").load(str(base_path), Settings(n_ctx=REFERENCE_CTX, n_threads=threads)) as model:
         for i, prompt in enumerate(REFERENCE_PROMPTS):
             emit(BuildEvent("reference", "greedy continuations", i, len(REFERENCE_PROMPTS)))
             model.reset()

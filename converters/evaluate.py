@@ -29,9 +29,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.errors import EdgeRuntimeError, InvalidConfigError
-
 from edge_runtime.converters.scorers import RowQueue, Scorer, Window, open_scorer
+from edge_runtime.errors import EdgeRuntimeError, InvalidConfigError
 
 DEFAULT_CTX = 512  # llama-perplexity's default, so numbers compare with published ones
 # Prompts the reference continues when no text is given: prose, dialogue, code, lists, facts.
@@ -151,12 +150,13 @@ def text_windows(tokens: Sequence[int], n_ctx: int, n_chunks: int | None, bos: i
 
 def generated_windows(reference: str | Path, n_ctx: int, threads: int | None) -> tuple[list[Window], str]:
     """Windows of text the reference writes itself from ``GENERATION_PROMPTS`` (seeded sampling)."""
-    from edge_runtime import load
+    from edge_runtime.backends import load_artifact
     from edge_runtime.backends.base import SamplingParams, Settings
+    from edge_runtime.models.spec import find_artifacts
 
     digest = hashlib.sha256()
     windows = []
-    with load(str(reference), Settings(n_ctx=n_ctx, n_threads=threads)) as model:
+    with load_artifact(find_artifacts(str(reference)), Settings(n_ctx=n_ctx, n_threads=threads)) as model:
         for prompt in GENERATION_PROMPTS:
             prompt_tokens = model.tokenize(prompt, add_bos=model.info.add_bos)
             budget = min(GENERATED_TOKENS, n_ctx - len(prompt_tokens) - 1)
@@ -231,7 +231,7 @@ def compare(
 
 def _score_window(window: Window, ref: Scorer | None, cands: list[Scorer], tallies: list[_Tally]) -> None:
     if ref is None:
-        for scorer, tally in zip(cands, tallies):
+        for scorer, tally in zip(cands, tallies, strict=True):
             for targets, rows in scorer.logit_batches(window):
                 _accumulate(tally, targets, rows, None)
         return
@@ -239,7 +239,7 @@ def _score_window(window: Window, ref: Scorer | None, cands: list[Scorer], talli
     # own batches may be cut differently: a queue per candidate lines the rows up).
     queues = [RowQueue(s.logit_batches(window)) for s in cands]
     for targets, ref_rows in ref.logit_batches(window):
-        for queue, tally in zip(queues, tallies):
+        for queue, tally in zip(queues, tallies, strict=True):
             cand_targets, cand_rows = queue.take(len(targets))
             if cand_targets != targets:
                 raise EdgeRuntimeError("internal error: reference and candidate positions differ")

@@ -16,10 +16,9 @@ import numpy as np
 from gguf import GGUFWriter
 from gguf.constants import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, MODEL_TENSORS, RopeScalingType
 
-from edge_runtime.errors import InvalidModelFileError, UnsupportedModelError
-
 from edge_runtime.converters import tensor_names as tn
 from edge_runtime.converters.registry import register_converter
+from edge_runtime.errors import InvalidModelFileError, UnsupportedModelError
 
 T = MODEL_TENSOR
 NORM_KINDS = frozenset({T.ATTN_NORM, T.FFN_NORM, T.OUTPUT_NORM, T.ATTN_Q_NORM, T.ATTN_K_NORM,

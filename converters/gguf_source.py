@@ -8,24 +8,15 @@ the result say so, and the manifest records them. Quantized rungs are then made 
 
 from __future__ import annotations
 
-import hashlib
+import os
 import time
 from pathlib import Path
 
-from edge_runtime.errors import InvalidConfigError
-from edge_runtime.formats.gguf import read_gguf_header
-
-from edge_runtime.converters.hf_to_gguf import OUTTYPES, ConversionResult, Progress
+from edge_runtime.converters.hf_to_gguf import OUTTYPES, ConversionResult, Progress, convert_hf_to_gguf
 from edge_runtime.converters.quantize import quantize_gguf
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, streamed in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+from edge_runtime.errors import InvalidConfigError
+from edge_runtime.files import file_sha256
+from edge_runtime.formats.gguf import read_gguf_header
 
 
 def convert_gguf_to_gguf(src: Path, out: Path, *, outtype: str = "f16",
@@ -50,3 +41,11 @@ def convert_gguf_to_gguf(src: Path, out: Path, *, outtype: str = "f16",
         seconds=time.perf_counter() - started, context_length=ctx if isinstance(ctx, int) else None,
         tokenizer_pre=pre if isinstance(pre, str) else None,
     )
+
+
+def convert_to_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str], *, outtype: str = "f16",
+                    progress: Progress | None = None) -> ConversionResult:
+    """Convert any supported source (a HF folder or a ``.gguf`` file) to a float GGUF."""
+    if Path(src).is_file() and str(src).endswith(".gguf"):
+        return convert_gguf_to_gguf(Path(src), Path(out), outtype=outtype, progress=progress)
+    return convert_hf_to_gguf(src, out, outtype=outtype, progress=progress)

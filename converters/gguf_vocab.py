@@ -20,9 +20,8 @@ from typing import Any
 from gguf import GGUFWriter, SpecialVocab
 from gguf.constants import TokenType
 
-from edge_runtime.errors import InvalidModelFileError, UnsupportedModelError
-
 from edge_runtime.converters.pretokenizers import CHECK_TEXT, detect_pre_tokenizer
+from edge_runtime.errors import InvalidModelFileError, UnsupportedModelError
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_MODEL = "tokenizer.model"

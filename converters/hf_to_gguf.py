@@ -7,7 +7,7 @@ tensor table go first (final shapes and types are known up front), then each ten
 row slabs, converted and appended, so peak memory is about one output tensor, not the model.
 The file is written under a temporary name in the destination folder and renamed at the end.
 
-A GGUF file is a source too: ``convert_to_gguf`` dispatches, and ``convert_gguf_to_gguf``
+A GGUF file is a source too: ``gguf_source.convert_to_gguf`` dispatches, and ``convert_gguf_to_gguf``
 re-types an existing GGUF (dequantizing a quantized one) through llama.cpp's quantizer.
 """
 
@@ -25,14 +25,13 @@ import numpy as np
 from gguf import GGUFWriter
 from gguf.constants import GGMLQuantizationType, LlamaFileType
 
-from edge_runtime.errors import InvalidConfigError, InvalidModelFileError, ModelNotFoundError
-
 from edge_runtime.converters import safetensors_source as st
 from edge_runtime.converters.gguf_arch import GGUFArch, HParams
 from edge_runtime.converters.gguf_vocab import TOKENIZER_FILES, VocabSpec, read_json_object, read_vocab, write_vocab
 from edge_runtime.converters.registry import converter_for
 from edge_runtime.converters.registry import supported_architectures as _supported
 from edge_runtime.converters.tensor_names import TensorName
+from edge_runtime.errors import InvalidConfigError, InvalidModelFileError, ModelNotFoundError
 
 Progress = Callable[[int, int], None]
 
@@ -118,7 +117,7 @@ def check_source(src: str | os.PathLike[str]) -> SourceInfo:
     if not folder.is_dir():
         raise ModelNotFoundError(f"{folder}: not a model folder",
                                  "point at a Hugging Face model folder (config.json, *.safetensors, tokenizer);"
-                                 " a .gguf file converts through convert_to_gguf")
+                                 " a .gguf file converts through gguf_source.convert_to_gguf")
     config = _load_config(folder)
     archs = config.get("architectures") or []
     hf_arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else ""
@@ -207,7 +206,7 @@ def _write(w: GGUFWriter, info: SourceInfo, arch: GGUFArch, outtype: str, progre
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     total, done = sum(sizes), 0
-    for t, nbytes in zip(info.tensors, sizes):
+    for t, nbytes in zip(info.tensors, sizes, strict=True):
         data = _tensor_data(t, arch, np.dtype(np.float32) if t.keeps_f32(arch) else np_dtype)
         w.write_tensor_data(data)
         del data
@@ -286,13 +285,3 @@ def _write_generation_defaults(w: GGUFWriter, gen: dict[str, Any]) -> None:
             add(float(gen[key]))
     if isinstance(gen.get("top_k"), int) and not isinstance(gen.get("top_k"), bool):
         w.add_sampling_top_k(gen["top_k"])
-
-
-def convert_to_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str], *, outtype: str = "f16",
-                    progress: Progress | None = None) -> ConversionResult:
-    """Convert any supported source (a HF folder or a ``.gguf`` file) to a float GGUF."""
-    if Path(src).is_file() and str(src).endswith(".gguf"):
-        from edge_runtime.converters.gguf_source import convert_gguf_to_gguf
-
-        return convert_gguf_to_gguf(Path(src), Path(out), outtype=outtype, progress=progress)
-    return convert_hf_to_gguf(src, out, outtype=outtype, progress=progress)

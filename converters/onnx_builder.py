@@ -29,10 +29,9 @@ def _flatten_gemma3_rope(config: Any) -> None:
 
 
 def main() -> None:
-    import onnxruntime_genai.models  # noqa: F401 - puts the builder's folder on sys.path, as it expects
-
     # The builder imports its classes as the top-level package ``builders``: patch that one.
     import builders  # type: ignore[import-not-found]
+    import onnxruntime_genai.models  # noqa: F401 - puts the builder's folder on sys.path, as it expects
 
     original = builders.Gemma3Model.__init__
 

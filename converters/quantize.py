@@ -20,11 +20,10 @@ from typing import Any
 
 import llama_cpp
 
-from edge_runtime.models.artifact import FLOAT_TYPES
+from edge_runtime.converters.worker_process import follow_worker
 from edge_runtime.errors import InvalidConfigError, ModelLoadError, ModelNotFoundError
 from edge_runtime.formats.gguf import read_gguf_header
-
-from edge_runtime.converters.worker_process import follow_worker
+from edge_runtime.models.artifact import FLOAT_TYPES
 
 Progress = Callable[[int, int], None]
 

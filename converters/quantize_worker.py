@@ -2,8 +2,8 @@
 
 Run as ``python -m edge_runtime.converters.quantize_worker '<json request>'``. One JSON object per
 line goes to the original stdout: ``{"log": level, "text": line}`` for each llama.cpp log line,
-then ``{"rc": code, "errors": "llama.cpp's error lines"}``. Anything native code prints to stdout is sent to stderr instead, so the
-protocol stream carries only those lines.
+then ``{"rc": code, "errors": "llama.cpp's error lines"}``. Anything native code prints to stdout is
+sent to stderr instead, so the protocol stream carries only those lines.
 
 The quantizer is a single blocking C call that neither Ctrl-C nor a Python exception can stop;
 in a child process the parent can end it at once (and a llama.cpp abort ends only the child).

@@ -59,9 +59,8 @@ class LlamaScorer:
     def __init__(self, path: str | Path, n_ctx: int, threads: int | None) -> None:
         import llama_cpp as c
 
+        from edge_runtime.backends.base import Settings, default_threads
         from edge_runtime.backends.llamacpp import native
-        from edge_runtime.backends.base import Settings
-        from edge_runtime.backends.base import default_threads
         from edge_runtime.errors import ModelLoadError
         from edge_runtime.formats.gguf import read_gguf_header
 

@@ -16,14 +16,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_runtime.converters import safetensors_source as st
+from edge_runtime.converters.registry import register_converter
 from edge_runtime.errors import (
     InvalidModelFileError,
     ModelNotFoundError,
     UnsupportedModelError,
 )
-
-from edge_runtime.converters import safetensors_source as st
-from edge_runtime.converters.registry import register_converter
 
 LM_HEAD = "lm_head.weight"
 EMBEDDING = "model.embed_tokens.weight"

@@ -60,7 +60,6 @@ def _load_shards(paths: list[str], embedding_from_head: bool) -> Any:
 
 def convert(request: dict[str, Any], protocol: IO[str]) -> str:
     """Build the model from the request's spec and weights; return the written file's path."""
-    from edge_runtime.converters.tflite_config import DecoderSpec, build_model_config
     from litert_torch import progress
     from litert_torch.generative.utilities import (
         converter,
@@ -68,6 +67,8 @@ def convert(request: dict[str, Any], protocol: IO[str]) -> str:
         model_builder,
     )
     from rich.console import Console
+
+    from edge_runtime.converters.tflite_config import DecoderSpec, build_model_config
 
     # litert-torch prints its steps through this console; the parent turns them into progress.
     progress.console = Console(file=_ProgressLines(protocol), width=1000, color_system=None,

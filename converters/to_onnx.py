@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.formats.onnx import SIDECAR, read_onnx_folder
 from edge_runtime.errors import InvalidConfigError, ModelLoadError, ModelNotFoundError, UnsupportedModelError
+from edge_runtime.formats.onnx import SIDECAR, read_onnx_folder
 
 Progress = Callable[[int, int], None]
 __all__ = ["OnnxConversionResult", "convert_hf_to_onnx", "onnx_folder_name"]
@@ -160,7 +160,7 @@ def _run_builder(src: Path, out: Path, cache: Path, precision: str, provider: st
         proc.wait()
         raise
     if proc.returncode != 0:
-        why = next((l for l in reversed(tail) if re.match(r"^\w*(Error|Exception)\b", l)), None)
+        why = next((line for line in reversed(tail) if re.match(r"^\w*(Error|Exception)\b", line)), None)
         why = why or (tail[-1] if tail else f"exit status {proc.returncode}")
         raise ModelLoadError(f"the ONNX builder failed: {why}",
                              'check that the "convert" extra is installed: pip install "edge-runtime[convert]"')

@@ -34,23 +34,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.models.artifact import artifact_from_tflite
-from edge_runtime.formats.tflite import (
-    TOKENIZER_CONFIG_FILE,
-    TOKENIZER_FILE,
-    read_tflite_layout,
-    sidecar_path,
-)
+from edge_runtime.converters.tflite_config import DecoderSpec, read_decoder_spec, shard_paths
+from edge_runtime.converters.worker_process import follow_worker
 from edge_runtime.errors import (
     InvalidConfigError,
     InvalidModelFileError,
     ModelLoadError,
 )
 from edge_runtime.files import atomic_write
+from edge_runtime.formats.tflite import (
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILE,
+    read_tflite_layout,
+    sidecar_path,
+)
+from edge_runtime.models.artifact import artifact_from_tflite
 from edge_runtime.models.manifest import ManifestArtifact
-
-from edge_runtime.converters.tflite_config import DecoderSpec, read_decoder_spec, shard_paths
-from edge_runtime.converters.worker_process import follow_worker
 
 __all__ = [
     "QUANT_RECIPES",
@@ -152,7 +151,7 @@ def convert_hf_to_tflite(
 def tflite_manifest_entry(path: Path, *, role: str, profiles: tuple[str, ...] = (),
                           build: dict[str, Any] | None = None) -> ManifestArtifact:
     """A manifest entry for a finished .tflite file (read from the file and its description, hashed)."""
-    from edge_runtime.models.store import file_sha256
+    from edge_runtime.files import file_sha256
 
     art = artifact_from_tflite(path)
     return ManifestArtifact(
@@ -216,7 +215,7 @@ def _fast_tokenizer_from_sentencepiece(src: Path) -> bytes:
 
         fast = AutoTokenizer.from_pretrained(str(src))
         return fast.backend_tokenizer.to_str().encode("utf-8")
-    except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
+    except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InvalidModelFileError(
             f"{src}: no {TOKENIZER_FILE}, and tokenizer.model could not be converted ({first})",

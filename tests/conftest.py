@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-pytest_plugins = ["tiny_models"]
-
 import os
 import sys
 from pathlib import Path
 
 import pytest
+
+pytest_plugins = ["tiny_models"]
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from edge_runtime.converters.build import BuildRequest, build, plan_rungs
 from edge_runtime.errors import InvalidConfigError, ModelNotFoundError
 from edge_runtime.models.manifest import read_manifest, verify_manifest
+from edge_runtime.planning.profiles import get_profile
 
 PROFILES = ("raspberry-pi-4-4gb", "apple-m2-8gb")  # first rungs: Q4_0, Q4_1 / Q4_K_M, Q4_0
 N_CTX = 128
@@ -26,7 +27,8 @@ def two_profile_build(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Pa
     """The embedded SmolLM2 (a Q4_1 GGUF) built for two profiles, evaluated on a text slice."""
     events = []
     request = BuildRequest(source=str(smollm2_path), out=str(tmp_path_factory.mktemp("build") / "smol"),
-                           profiles=PROFILES, text=str(prose_file), n_ctx=N_CTX, n_chunks=2, threads=2)
+                           profiles=tuple(get_profile(p) for p in PROFILES), text=str(prose_file), n_ctx=N_CTX,
+                           n_chunks=2, threads=2)
     return request, build(request, on_event=events.append), events
 
 
@@ -81,9 +83,9 @@ def test_two_profiles_build_their_rungs_with_quality_figures(two_profile_build):
 
 
 def test_the_build_is_in_the_store_and_the_planner_walks_its_ladder(two_profile_build):
+    from edge_runtime.models.spec import find_artifacts
     from edge_runtime.planning.planner import choose_plan
     from edge_runtime.planning.profiles import get_profile
-    from edge_runtime.models.spec import find_artifacts
 
     _, result, _ = two_profile_build
     assert result.stored_as == "smollm2-135m-instruct"
@@ -218,29 +220,23 @@ def test_killed_or_interrupted_processes_leave_no_partial_file_and_the_rerun_fin
     _no_partial_files(folder)
 
 
-def test_rungs_come_from_the_profiles_ladders_or_from_quant(monkeypatch):
-    rungs, warnings = plan_rungs(("raspberry-pi-5-8gb", "laptop-x86-16gb"), None, "f16")
+def test_rungs_come_from_the_profiles_ladders_or_from_quant():
+    from dataclasses import replace
+
+    pi5, laptop = get_profile("raspberry-pi-5-8gb"), get_profile("laptop-x86-16gb")
+    rungs, warnings = plan_rungs((pi5, laptop), None, "f16")
     assert [(r.qtype, r.profiles) for r in rungs] == [
         ("Q4_K_M", ("laptop-x86-16gb",)), ("Q4_K_S", ("laptop-x86-16gb",)),
         ("Q4_0", ("raspberry-pi-5-8gb",)), ("IQ4_NL", ("raspberry-pi-5-8gb",))]
-    rungs, _ = plan_rungs(("raspberry-pi-5-8gb",), ("q8_0", "Q2_K", "F16"), "f16")
+    rungs, _ = plan_rungs((pi5,), ("q8_0", "Q2_K", "F16"), "f16")
     assert [(r.qtype, r.profiles) for r in rungs] == [
         ("F16", ()), ("Q8_0", ("raspberry-pi-5-8gb",)), ("Q2_K", ("raspberry-pi-5-8gb",))]
     assert plan_rungs((), None, "f16") == ([], [])
     with pytest.raises(InvalidConfigError, match="unknown quantization type"):
         plan_rungs((), ("Q9_9",), "f16")
-    with pytest.raises(InvalidConfigError, match="unknown profile"):
-        plan_rungs(("no-such-device",), None, "f16")
 
-    from dataclasses import replace
-
-    from edge_runtime.planning import profiles as profiles_module
-
-    real = profiles_module.load_profiles()
-    fake = {**real, "imatrix-first": replace(real["generic"], id="imatrix-first",
-                                             quants={"gguf": ("IQ2_XS", "Q4_0", "Q8_0")})}
-    monkeypatch.setattr(profiles_module, "load_profiles", lambda *a, **k: fake)
-    rungs, warnings = plan_rungs(("imatrix-first",), None, "f16")
+    imatrix_first = replace(get_profile("generic"), id="imatrix-first", quants={"gguf": ("IQ2_XS", "Q4_0", "Q8_0")})
+    rungs, warnings = plan_rungs((imatrix_first,), None, "f16")
     assert [r.qtype for r in rungs] == ["Q8_0", "Q4_0"] and "IQ2_XS" in warnings[0]
 
 

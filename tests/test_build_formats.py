@@ -94,8 +94,9 @@ def test_each_backend_runs_from_the_folder(three_formats, backend, edgert_cmd):
 
 
 def test_the_store_keeps_what_tflite_and_onnx_need(three_formats, edgert_cmd):
-    from edge_runtime.models.store import add_model, store_root
+    from edge_runtime.models.locations import store_root
     from edge_runtime.models.spec import find_artifacts
+    from edge_runtime.models.store import add_model
 
     out, _, _ = three_formats
     stored = add_model(out, name="tiny-three-formats")

@@ -6,8 +6,9 @@ import importlib.util
 import os
 import struct
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -40,7 +41,7 @@ def parse_guarded(path: Path | str, **kwargs: Any) -> GGUFHeader:
     def target() -> None:
         try:
             outcome["header"] = read_gguf_header(path, **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - handed back to the test thread
+        except BaseException as exc:
             outcome["error"] = exc
 
     worker = threading.Thread(target=target, daemon=True)
@@ -166,7 +167,7 @@ def assert_matches_reader(header: GGUFHeader, reader: Any) -> None:
     keys = [k for k in reader.fields if not k.startswith("GGUF.")]
     assert list(header.metadata) == keys
     assert len(header.tensors) == len(reader.tensors)
-    for ours, theirs in zip(header.tensors, reader.tensors):
+    for ours, theirs in zip(header.tensors, reader.tensors, strict=True):
         assert ours.name == theirs.name
         assert ours.shape == tuple(int(d) for d in theirs.shape)
         assert ours.ggml_type == int(theirs.tensor_type)

@@ -346,13 +346,14 @@ def test_probe_and_a_light_import():
     avail = probe("onnx")
     assert avail.available and "CPU" in avail.devices and "onnxruntime" in avail.version
     code = ("import sys, edge_runtime.backends.onnx, edge_runtime.converters.to_onnx; "
-            "sys.exit(any(m.split('.')[0] in ('onnxruntime', 'onnxruntime_genai', 'torch', 'onnx') for m in sys.modules))")
+            "sys.exit(any(m.split('.')[0] in ('onnxruntime', 'onnxruntime_genai', 'torch', 'onnx') "
+            "for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 def test_the_planner_picks_onnx_when_it_is_the_only_backend_for_the_artifact(fp32_dir):
-    from edge_runtime.models.artifact import artifact_from_onnx
     from edge_runtime.device.info import detect
+    from edge_runtime.models.artifact import artifact_from_onnx
     from edge_runtime.planning.planner import PlanRequest, choose_plan
     from edge_runtime.planning.profiles import match_profile
 
@@ -387,7 +388,8 @@ def edgert(cmd, *args, stdin=None):
 
 
 def test_cli_run_and_piped_chat_on_onnx(edgert_cmd, convert_output, fp32):
-    expected = run(fp32, fp32.tokenize(PROMPT, special=True, add_bos=True), SamplingParams(max_tokens=8, temperature=0))[1]
+    prompt = fp32.tokenize(PROMPT, special=True, add_bos=True)
+    expected = run(fp32, prompt, SamplingParams(max_tokens=8, temperature=0))[1]
     args = ("--model", str(convert_output), "--backend", "onnx", "--temp", "0", "--max-tokens", "8", "--threads", "2")
     res = edgert(edgert_cmd, "run", PROMPT, *args, "--stats")
     assert res.returncode == 0, res.stderr

@@ -200,7 +200,7 @@ def test_a_client_that_disconnects_frees_its_slot(edgert_cmd):
         body = {"prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 1500, "temperature": 0, "stream": True}
         with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as res:
             assert res.status_code == 200
-            for _ in zip(range(3), res.iter_lines()):
+            for _ in zip(range(3), res.iter_lines(), strict=False):
                 pass
         deadline = time.monotonic() + 30  # a hang guard; the slot frees within one token
         while _metric(base, "edgert_slots_busy") != 0:

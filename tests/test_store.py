@@ -9,15 +9,16 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from synthetic_gguf import Q, write_llama_gguf
 
+from edge_runtime.errors import InvalidConfigError, InvalidModelFileError, ModelNotFoundError
+from edge_runtime.files import file_sha256
 from edge_runtime.models import spec as model_spec
 from edge_runtime.models import store
-from edge_runtime.errors import InvalidConfigError, InvalidModelFileError, ModelNotFoundError
+from edge_runtime.models.locations import store_root
 from edge_runtime.models.manifest import Manifest, read_manifest, verify_manifest, write_manifest
 from edge_runtime.planning.planner import choose_plan
 from edge_runtime.planning.profiles import get_profile
-
-from synthetic_gguf import Q, write_llama_gguf
 
 GIB = 1 << 30
 TINY = dict(n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_vocab=1024, n_ctx_train=2048)
@@ -94,10 +95,10 @@ def test_a_convert_output_gives_every_artifact_and_the_planner_walks_the_ladder(
 def test_add_list_show_and_find_by_name(tmp_path):
     folder = convert_output(tmp_path / "out")
     manifest = store.add_model(folder)
-    assert manifest.model == "tiny" and manifest.folder == store.store_root() / "tiny"
+    assert manifest.model == "tiny" and manifest.folder == store_root() / "tiny"
     stored = model_spec.find_artifacts("tiny")
     assert [a.quant for a in stored] == ["F16", "Q8_0", "Q4_0"]
-    assert all(Path(a.path).parent == store.store_root() / "tiny" for a in stored)
+    assert all(Path(a.path).parent == store_root() / "tiny" for a in stored)
     # Same filesystem: hard links, not copies.
     assert os.stat(stored[1].path).st_ino == os.stat(folder / "tiny-Q8_0.gguf").st_ino
     assert [a.quant for a in model_spec.find_artifacts("tiny:q8_0")] == ["Q8_0"]
@@ -121,16 +122,16 @@ def test_add_a_single_gguf_file_copies_and_hashes_it(tmp_path):
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert data["model"] == "solo-model" and data["artifacts"][0]["role"] == "quantized"
-    stored = store.store_root() / "solo-model" / path.name
+    stored = store_root() / "solo-model" / path.name
     assert os.stat(stored).st_ino != os.stat(path).st_ino  # --copy
-    assert data["artifacts"][0]["sha256"] == store.file_sha256(path)
+    assert data["artifacts"][0]["sha256"] == file_sha256(path)
     assert model_spec.find_artifacts("solo-model")[0].path == str(stored)
 
 
 def test_verify_detects_a_flipped_byte(tmp_path):
     store.add_model(convert_output(tmp_path / "out"), link=False)
     assert cli("models", "verify").exit_code == 0
-    victim = store.store_root() / "tiny" / "tiny-Q8_0.gguf"
+    victim = store_root() / "tiny" / "tiny-Q8_0.gguf"
     with victim.open("r+b") as fh:
         fh.seek(victim.stat().st_size // 2)
         byte = fh.read(1)
@@ -147,7 +148,7 @@ def test_verify_detects_a_flipped_byte(tmp_path):
 
 def test_a_hand_edited_manifest_is_reported_never_used(tmp_path):
     store.add_model(convert_output(tmp_path / "out"))
-    entry = store.store_root() / "tiny"
+    entry = store_root() / "tiny"
     edit_manifest(entry, lambda d: d["artifacts"][2].update(quant="Q8_0"), fix_digest=False)
     with pytest.raises(InvalidConfigError, match="edited by hand or damaged"):
         model_spec.find_artifacts("tiny")
@@ -187,7 +188,7 @@ def test_bad_json_and_a_missing_artifact_are_reported(tmp_path):
         model_spec.find_artifacts(str(folder))
     res = cli("models", "add", str(folder))
     assert res.exit_code == 1 and "not valid JSON" in res.stderr
-    assert not store.store_root().exists() or store.store_names() == []
+    assert not store_root().exists() or store.store_names() == []
 
 
 def test_add_refuses_a_folder_whose_files_do_not_match(tmp_path):
@@ -199,17 +200,17 @@ def test_add_refuses_a_folder_whose_files_do_not_match(tmp_path):
     with pytest.raises(InvalidConfigError, match="tiny-F16.gguf does not match its manifest"):
         store.add_model(folder)
     assert store.store_names() == []
-    assert not store.store_root().exists()  # checked before the store is touched
+    assert not store_root().exists()  # checked before the store is touched
 
 
 def test_re_adding_replaces_the_entry_whole_and_rm_removes_it(tmp_path):
     store.add_model(convert_output(tmp_path / "a", types=(Q.F16, Q.Q8_0)))
     store.add_model(convert_output(tmp_path / "b", types=(Q.Q4_0,)))
     assert [a.quant for a in model_spec.find_artifacts("tiny")] == ["Q4_0"]
-    assert sorted(p.name for p in (store.store_root() / "tiny").iterdir()) == ["manifest.json", "tiny-Q4_0.gguf"]
+    assert sorted(p.name for p in (store_root() / "tiny").iterdir()) == ["manifest.json", "tiny-Q4_0.gguf"]
     res = cli("models", "rm", "tiny", "--json")
     assert res.exit_code == 0 and json.loads(res.stdout)["removed"] == "tiny"
-    assert store.store_names() == [] and not (store.store_root() / "tiny").exists()
+    assert store.store_names() == [] and not (store_root() / "tiny").exists()
     res = cli("models", "rm", "tiny")
     assert res.exit_code == 1 and "no model named 'tiny'" in res.stderr
 

@@ -8,6 +8,7 @@ ai-edge-litert is not installed; ``test_tflite_units.py`` covers what needs neit
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -66,10 +67,8 @@ def _converted(request: pytest.FixtureRequest, src: Path, recipe: str, family: s
         result = convert_hf_to_tflite(src, tmp / target.name, quantize=recipe, prefill_lengths=PREFILL,
                                       kv_cache_max_len=KV_LEN)
         assert result.n_ctx == KV_LEN and result.prefill_lengths == PREFILL and result.arch == family
-        try:
+        with contextlib.suppress(OSError):  # another session finished first
             os.rename(tmp, done)
-        except OSError:  # another session finished first
-            pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -115,9 +114,9 @@ def _hf_greedy(src: Path, prompt: list[int], n: int) -> list[int]:
 
 
 def test_the_artifact_describes_itself(tflite_f32, tiny_llama_dir):
-    from edge_runtime.models.artifact import artifact_from_tflite
     from edge_runtime.backends.tflite import estimate_memory
     from edge_runtime.formats.tflite import read_tflite_layout
+    from edge_runtime.models.artifact import artifact_from_tflite
 
     layout = read_tflite_layout(tflite_f32)
     assert set(layout.signatures) == {"prefill_8", "prefill_32", "decode"}
@@ -308,9 +307,9 @@ def test_packed_weights_are_cached_once_and_a_damaged_cache_is_rebuilt(tflite_f3
 
 def test_a_missing_runtime_names_the_extra(tflite_f32, monkeypatch):
     from edge_runtime import backends
+    from edge_runtime.backends.tflite import TfliteBackend
     from edge_runtime.backends.tflite import engine as tflite_engine
     from edge_runtime.backends.tflite import model as tflite_model
-    from edge_runtime.backends.tflite import TfliteBackend
     from edge_runtime.errors import BackendUnavailableError
 
     def nothing_installed():
@@ -337,10 +336,8 @@ def test_damaged_tables_are_invalid_files_never_crashes(tflite_f32, tmp_path):
         damaged = bytearray(data)
         damaged[spot] ^= 0xFF
         bad.write_bytes(damaged)
-        try:
+        with contextlib.suppress(InvalidModelFileError):  # refusing is fine; anything else is not
             read_tflite_layout(bad)
-        except InvalidModelFileError:
-            pass
 
 
 # -- through the CLI -----------------------------------------------------------------------
@@ -348,9 +345,9 @@ def test_damaged_tables_are_invalid_files_never_crashes(tflite_f32, tmp_path):
 
 def _convert_folder(tflite: Path, folder: Path) -> Path:
     """A convert-style folder (manifest + artifact + tokenizer) holding one TFLite artifact."""
+    from edge_runtime.files import file_sha256
     from edge_runtime.models.artifact import artifact_from_tflite
     from edge_runtime.models.manifest import Manifest, ManifestArtifact, write_manifest
-    from edge_runtime.models.store import file_sha256
 
     folder.mkdir()
     for path in tflite.parent.iterdir():

@@ -21,10 +21,10 @@ generation_config.json):
   pre-tokenizer rules: ``smollm`` (the published tokenizer, recognised by its hash), ``gpt2``,
   ``qwen2`` and ``llama3`` (recognised by their split rules).
 
-The tokenizer is a byte-level BPE with Llama 3's split rules, trained on a slice of
-the Python documentation (``pydoc_data.topics``) plus a few lines of unicode, with special tokens ``<|begin_of_text|>`` (BOS,
-added on encode), ``<|end_of_text|>`` (EOS), ``<|im_start|>``/``<|im_end|>`` (chat) and one plain
-added token ``<tool>``. Everything is built once and cached under the pytest cache, keyed by
+The tokenizer is a byte-level BPE with Llama 3's split rules, trained on a slice of the Python
+documentation (``pydoc_data.topics``) plus a few lines of unicode, with special tokens
+``<|begin_of_text|>`` (BOS, added on encode), ``<|end_of_text|>`` (EOS), ``<|im_start|>``/``<|im_end|>``
+(chat) and one plain added token ``<tool>``. Everything is built once and cached under the pytest cache, keyed by
 ``TINY_MODELS_VERSION``: bump it when the recipe changes. Builders are plain functions
 (``build_tiny_llama``) for scripts that want their own variant.
 """

@@ -57,7 +57,7 @@ class HFTokenizer:
                                         "convert the model again with `edgert convert`; it writes the tokenizer")
         try:
             self._tok = Tokenizer.from_file(str(path))
-        except Exception as exc:  # noqa: BLE001 (the Rust side raises plain Exceptions)
+        except Exception as exc:
             raise InvalidModelFileError(f"{path}: not a valid tokenizer ({str(exc).splitlines()[0]})") from None
         config = self._read_config(folder / TOKENIZER_CONFIG_FILE)
         self.chat_template = _chat_template(config.get("chat_template"))

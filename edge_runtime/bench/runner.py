@@ -15,7 +15,8 @@ child's own high-water mark), VRAM, CPU temperature before and after, energy per
 and the roofline (``roofline.py``) from one bandwidth measurement per run.
 
 Prompt text: ``--prompt-file``, else the Python documentation every installation carries
-(``pydoc_data.topics``), else (a Python without it) a paragraph built into this module, repeated. Speeds hardly depend on which tokens are fed; ``method.prompt_source`` records it.
+(``pydoc_data.topics``), else (a Python without it) a paragraph built into this module, repeated.
+Speeds hardly depend on which tokens are fed; ``method.prompt_source`` records it.
 """
 
 from __future__ import annotations
@@ -87,9 +88,9 @@ def run_bench(request: BenchRequest, progress: BenchProgress | None = None) -> B
     """Measure every artifact × backend × threads the request names; see the module docstring."""
     from importlib.metadata import PackageNotFoundError, version
 
+    from edge_runtime.bench.roofline import bandwidth_buffer_bytes, measure_bandwidth
     from edge_runtime.device.info import detect
     from edge_runtime.planning.profiles import get_profile, match_profile
-    from edge_runtime.bench.roofline import bandwidth_buffer_bytes, measure_bandwidth
 
     _check(request)
     prompts = tuple(sorted(set(request.prompt_tokens)))
@@ -253,8 +254,8 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 def summarize(plan: Any, method: BenchMethod, raw: dict[str, Any], bandwidth_bytes_s: float) -> ArtifactResult:
     """Means, deviations, roofline and energy of one job's raw samples."""
-    from edge_runtime.formats.gguf import read_gguf_header
     from edge_runtime.bench.roofline import roofline, token_traffic
+    from edge_runtime.formats.gguf import read_gguf_header
 
     timed = [s for s in raw["samples"] if not s["warmup"]]
     # A run that hit end-of-text at once has no decode speed; its note says so (bench_worker).

@@ -43,7 +43,7 @@ def main() -> int:
     except EdgeRuntimeError as exc:
         _send("error", {"class": type(exc).__name__, "message": exc.message, "hint": exc.hint})
         return 1
-    except Exception as exc:  # noqa: BLE001 - every failure must reach the parent as one message
+    except Exception as exc:
         import traceback
 
         _send("error", {"class": "internal", "message": f"{type(exc).__name__}: {exc}",

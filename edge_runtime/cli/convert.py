@@ -145,15 +145,15 @@ def convert(src: str | None, formats: str | None, tflite_kv_len: int | None, tfl
         raise click.UsageError("missing SRC (a Hugging Face folder, a .gguf file or a model name)")
     from edge_runtime.converters.build import BuildRequest, build
     from edge_runtime.converters.build_formats import FormatOptions, default_formats, parse_formats
+    from edge_runtime.planning.profiles import get_profile, load_profiles
 
-    if all_profiles:
-        from edge_runtime.planning.profiles import load_profiles
-
-        profiles = tuple(load_profiles())
+    known = load_profiles()
+    targets = tuple(known.values()) if all_profiles else tuple(get_profile(p, known) for p in profiles)
     wanted = tuple(q.strip() for q in quants.split(",") if q.strip()) if quants is not None else None
-    request = BuildRequest(source=src, out=out, profiles=profiles, quants=wanted, outtype=outtype,
+    request = BuildRequest(source=src, out=out, profiles=targets, quants=wanted, outtype=outtype,
                            evaluate=not no_eval, text=text, n_ctx=n_ctx, n_chunks=n_chunks,
-                           threads=threads, add_to_store=not no_store, formats=parse_formats(formats) or default_formats(profiles),
+                           threads=threads, add_to_store=not no_store,
+                           formats=parse_formats(formats) or default_formats(targets),
                            format_options=FormatOptions(tflite_kv_len=tflite_kv_len, tflite_prefill=tflite_prefill,
                                                         onnx_provider=onnx_provider))
     with _terminate_as_interrupt(), _BuildDisplay() as display:
@@ -194,7 +194,7 @@ def format_summary(result: Any) -> str:
             ", ".join(a.profiles),
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    lines = ["  ".join(c.rjust(w) if i == 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    lines = ["  ".join(c.rjust(w) if i == 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False)))
              + "  " + r[-1] for r in rows]
     lines = [line.rstrip() for line in lines] + notes
     evaluation = result.manifest.evaluation

@@ -142,7 +142,7 @@ def models_list(as_json: bool) -> None:
                      (e.sha256 or "")[:12], str(e.path)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
 
 
 @models.command("add")
@@ -168,8 +168,9 @@ def models_add(src: str, name: str | None, force_copy: bool, as_json: bool) -> N
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def models_show(name: str, as_json: bool) -> None:
     """Everything the manifest of a stored model (or a convert folder) records."""
+    from edge_runtime.models.embedded import find_embedded
     from edge_runtime.models.manifest import read_manifest
-    from edge_runtime.models.store import find_embedded, list_models, open_model
+    from edge_runtime.models.store import list_models, open_model
 
     if find_embedded(name) is not None:
         entry = next(e for e in list_models(with_sha256=True) if e.name == name)
@@ -200,7 +201,7 @@ def format_manifest(m: Any) -> str:
                      "-" if q.get("top1_agreement") is None else f"{100 * q['top1_agreement']:.1f}%",
                      a.sha256[:12], ", ".join(a.profiles) or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows]
     for p in (m.reference or {}).get("prompts", []):
         lines.append(f"reference  {p['prompt']!r} → {p['continuation'][:60]!r}")
     return "\n".join(lines)

@@ -181,7 +181,7 @@ def _read_cores(
             import psutil
 
             physical = psutil.cpu_count(logical=False) or physical
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
         return {"logical_cores": len(cpus), "physical_cores": physical,
                 "performance_cores": physical, "efficiency_cores": 0}  # fmt: skip
@@ -240,7 +240,7 @@ def _read_max_freq(files: SystemFiles, live: bool, notes: dict[str, str]) -> flo
             freq = psutil.cpu_freq()
             if freq and freq.max:
                 return float(freq.max)
-        except Exception:  # noqa: BLE001 - psutil may not support this platform
+        except Exception:
             pass
     notes["cpu.max_freq_mhz"] = "no cpufreq data (common in virtual machines)"
     return None

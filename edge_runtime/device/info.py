@@ -13,10 +13,10 @@ sysctl or backend probes), so the result depends on the fixture files alone.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from edge_runtime.backends.base import Availability
 from edge_runtime.device.cpu import read_cpu
@@ -188,7 +188,7 @@ def detect(
         # A reader bug must never break `edgert device`: keep what the others found.
         try:
             return reader()
-        except Exception as exc:  # noqa: BLE001 - failing soft is the contract
+        except Exception as exc:
             notes[name] = f"reading failed: {type(exc).__name__}: {exc}"
             return default
 
@@ -264,7 +264,7 @@ def _probe_backends(notes: dict[str, str]) -> tuple[Availability, ...]:
         # One broken probe (not only a missing import) must not hide the others.
         try:
             found.append(probe(spec.name))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             reason = f"probe failed: {type(exc).__name__}: {exc}"
             notes[f"backends.{spec.name}"] = reason
             found.append(Availability(name=spec.name, available=False, reason=reason))

@@ -104,7 +104,7 @@ def read_memory(files: SystemFiles, live: bool, notes: dict[str, str]) -> Fields
                 "swap_total_bytes": int(sw.total),
                 "swap_free_bytes": int(sw.free),
             }
-        except Exception as exc:  # noqa: BLE001 - fall back to the kernel's own numbers
+        except Exception as exc:
             notes["memory.psutil"] = f"psutil failed ({exc}); read /proc/meminfo"
     text = files.text("/proc/meminfo")
     if text is None:
@@ -209,7 +209,7 @@ def _psutil_temperature() -> float | None:
         import psutil
 
         sensors = psutil.sensors_temperatures()
-    except Exception:  # noqa: BLE001 - absent on macOS and Windows
+    except Exception:
         return None
     for name in ("coretemp", "k10temp", "zenpower", "cpu_thermal", "acpitz"):
         readings = [r.current for r in sensors.get(name, []) if r.current]
@@ -259,7 +259,7 @@ def read_nvidia_gpus(files: SystemFiles, live: bool, notes: dict[str, str]) -> l
             return _nvml_gpus()
         except ImportError:
             reason = "nvidia-ml-py is not installed"
-        except Exception as exc:  # noqa: BLE001 - NVMLError_LibraryNotFound, driver mismatch ...
+        except Exception as exc:
             reason = f"NVML unavailable: {exc}"
     else:
         reason = "NVML not consulted"

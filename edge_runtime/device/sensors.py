@@ -19,7 +19,7 @@ def cpu_temperature_c() -> float | None:
 
     try:
         return read_thermal(SystemFiles(Path("/")), True, {}).get("temperature_c")
-    except Exception:  # noqa: BLE001 - a sensor quirk must not stop a benchmark
+    except Exception:
         return None
 
 
@@ -81,7 +81,7 @@ def rss_now_bytes() -> int | None:
         import psutil
 
         return int(psutil.Process().memory_info().rss)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
 
 
@@ -109,7 +109,7 @@ def peak_rss_bytes() -> int | None:
             import psutil
 
             return int(getattr(psutil.Process().memory_info(), "peak_wset", 0)) or None
-        except Exception:  # noqa: BLE001
+        except Exception:
             return None
 
 
@@ -129,7 +129,7 @@ class VramProbe:
             self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
         except ImportError:
             self.reason = "no NVML (nvidia-ml-py not installed)"
-        except Exception as exc:  # noqa: BLE001 - no driver, no GPU
+        except Exception as exc:
             self.reason = f"NVML unavailable: {exc}"
         if not self._handles and self.reason is None:
             self.reason = "no NVIDIA GPU"
@@ -145,7 +145,7 @@ class VramProbe:
                 for proc in self._nvml.nvmlDeviceGetComputeRunningProcesses(handle):
                     if proc.pid == pid and proc.usedGpuMemory:
                         used += int(proc.usedGpuMemory)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self.reason = f"NVML query failed: {exc}"
             return
         self.peak = max(self.peak or 0, used)

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 import mmap
 import os
 import stat
 import struct
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterable
+from typing import Any
 
 from edge_runtime.errors import InvalidModelFileError, ModelNotFoundError
 
@@ -410,7 +412,7 @@ class _Parser:
                 n_elements *= dim
             tensors.append(GGUFTensor(name, shape, int(member), member.name, start, n_bytes, n_elements))
         by_start = sorted(tensors, key=lambda t: t.offset)
-        for prev, cur in zip(by_start, by_start[1:]):
+        for prev, cur in itertools.pairwise(by_start):
             if cur.offset < prev.offset + prev.n_bytes:
                 raise self.fail(f"tensor {cur.name!r} data (from byte {cur.offset}) "
                                 f"overlaps tensor {prev.name!r}")

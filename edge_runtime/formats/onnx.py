@@ -87,7 +87,8 @@ def read_onnx_folder(path: str | Path) -> OnnxFolder:
         raise InvalidModelFileError(f"{folder / GENAI_CONFIG}: missing or malformed field {exc}",
                                     "convert the model again") from None
     if Path(decoder["filename"]).name != decoder["filename"]:  # files stay inside the folder
-        raise InvalidModelFileError(f"{folder / GENAI_CONFIG}: decoder file {decoder['filename']!r} is outside the folder")
+        raise InvalidModelFileError(
+            f"{folder / GENAI_CONFIG}: decoder file {decoder['filename']!r} is outside the folder")
     if not decoder_file.is_file() or decoder_file.stat().st_size == 0:
         raise InvalidModelFileError(f"{folder}: the decoder {decoder_file.name} is missing or empty",
                                     "convert the model again")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_runtime.errors import InvalidModelFileError
+from edge_runtime.models.locations import home
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,6 @@ def embedded_model_path(model: EmbeddedModel) -> Path | None:
         folder = _package_folder(model.package)
         path = folder / model.filename if folder else None
         return path if path and path.is_file() else None
-    from edge_runtime.models.store import home
 
     target = home() / "embedded" / model.filename
     if target.is_file():

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.models.artifact import Artifact
 from edge_runtime.errors import InvalidConfigError
+from edge_runtime.files import atomic_write, file_sha256
+from edge_runtime.models.artifact import Artifact
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA = "edge-runtime.manifest"
@@ -135,8 +136,6 @@ def manifest_json(manifest: Manifest) -> str:
 
 def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
     """Write ``folder/manifest.json`` atomically; returns its path."""
-    from edge_runtime.files import atomic_write
-
     return atomic_write(Path(folder) / MANIFEST_NAME, manifest_json(manifest))
 
 
@@ -276,8 +275,6 @@ class FileCheck:
 
 def verify_manifest(manifest: Manifest) -> list[FileCheck]:
     """Re-hash every artifact of a manifest read with ``read_manifest``."""
-    from edge_runtime.models.store import file_sha256
-
     folder = manifest.folder or Path(".")
     checks = []
     for a in manifest.artifacts:
@@ -296,8 +293,6 @@ def verify_manifest(manifest: Manifest) -> list[FileCheck]:
 
 def folder_sha256(folder: Path) -> str:
     """One hash for a folder artifact (ONNX): each file's relative path and sha256, sorted."""
-    from edge_runtime.models.store import file_sha256
-
     digest = hashlib.sha256()
     for p in sorted(q for q in folder.rglob("*") if q.is_file()):
         digest.update(f"{p.relative_to(folder).as_posix()}\0{file_sha256(p)}\n".encode())

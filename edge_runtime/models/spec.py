@@ -10,10 +10,12 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edge_runtime.models.artifact import FLOAT_TYPES
-from edge_runtime.models.embedded import EMBEDDED, embedded_model_path, find_embedded
 from edge_runtime.errors import InvalidModelFileError, ModelNotFoundError
-from edge_runtime.models.store import DEFAULT_MODEL, is_store_name, open_model, store_names, store_root
+from edge_runtime.models.artifact import FLOAT_TYPES, artifact_from_gguf, artifact_from_onnx, artifact_from_tflite
+from edge_runtime.models.embedded import EMBEDDED, embedded_model_path, find_embedded
+from edge_runtime.models.locations import store_root
+from edge_runtime.models.manifest import has_manifest, read_manifest
+from edge_runtime.models.store import DEFAULT_MODEL, is_store_name, open_model, store_names
 
 if TYPE_CHECKING:
     from edge_runtime.models.artifact import Artifact
@@ -31,15 +33,9 @@ def find_artifacts(spec: str | None) -> list[Artifact]:
 def describe_artifact(path: Path) -> Artifact:
     """One model file or folder as an artifact, by its format (checked, never loaded)."""
     if path.is_dir():
-        from edge_runtime.models.artifact import artifact_from_onnx
-
         return artifact_from_onnx(path)
     if path.suffix.lower() == ".tflite":
-        from edge_runtime.models.artifact import artifact_from_tflite
-
         return artifact_from_tflite(path)
-    from edge_runtime.models.artifact import artifact_from_gguf
-
     return artifact_from_gguf(path)
 
 
@@ -52,8 +48,6 @@ _QUANT_SUFFIX = re.compile(r"^(?P<name>.+):(?P<quant>[A-Za-z0-9_]+)$")
 
 def _named_collection(spec: str) -> list[Artifact] | None:
     """The artifacts of a folder holding a manifest or of a store entry; None for anything else."""
-    from edge_runtime.models.manifest import has_manifest, read_manifest
-
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir() or _is_onnx_folder(path):

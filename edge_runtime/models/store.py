@@ -22,43 +22,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edge_runtime.models.artifact import FLOAT_TYPES
-from edge_runtime.models.embedded import EMBEDDED, EmbeddedModel, embedded_model_path, find_embedded
 from edge_runtime.errors import InvalidConfigError, InvalidModelFileError, ModelNotFoundError
+from edge_runtime.files import file_sha256
+from edge_runtime.formats.gguf import describe_gguf
+from edge_runtime.formats.tflite import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, sidecar_path
+from edge_runtime.models.artifact import FLOAT_TYPES, artifact_from_gguf
+from edge_runtime.models.embedded import EMBEDDED, embedded_model_path, find_embedded
+from edge_runtime.models.locations import store_root
+from edge_runtime.models.manifest import (
+    Manifest,
+    ManifestArtifact,
+    has_manifest,
+    read_manifest,
+    verify_manifest,
+    write_manifest,
+)
 
 if TYPE_CHECKING:
     from edge_runtime.models.manifest import FileCheck, Manifest
 
 DEFAULT_MODEL = "smollm2"
-__all__ = ["EMBEDDED", "EmbeddedModel", "embedded_model_path", "find_embedded", "home", "file_sha256",
-           "list_models", "add_model", "remove_model", "verify_model"]
-
-
-def home() -> Path:
-    """The model store folder: ``$EDGERT_HOME`` or the platform's user data folder."""
-    override = os.environ.get("EDGERT_HOME")
-    if override:
-        return Path(override).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("edge-runtime", appauthor=False))
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
+__all__ = ["list_models", "add_model", "remove_model", "verify_model"]
 
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
-
-
-def store_root() -> Path:
-    """``home()/models``: one folder per stored model name."""
-    return home() / "models"
 
 
 def model_slug(text: str) -> str:
@@ -91,8 +78,6 @@ def store_names() -> list[str]:
 
 def open_model(name: str, *, check_files: bool = True) -> Manifest:
     """The manifest of a stored model; a damaged entry raises ``InvalidConfigError``."""
-    from edge_runtime.models.manifest import read_manifest
-
     folder = store_root() / name
     if not _NAME.match(name) or not folder.is_dir():
         raise ModelNotFoundError(f"no model named {name!r} in the store", "see `edgert models list`")
@@ -123,14 +108,6 @@ def add_model(src: str | Path, *, name: str | None = None, link: bool = True, ve
     Every artifact is checked against its sha256 before the entry appears (``verify=False`` is for
     a caller that has just hashed them itself); an entry of the same name is replaced as a whole.
     """
-    from edge_runtime.models.manifest import (
-        Manifest,
-        has_manifest,
-        read_manifest,
-        verify_manifest,
-        write_manifest,
-    )
-
     path = Path(src).expanduser()
     if path.is_dir():
         if not has_manifest(path):
@@ -172,8 +149,6 @@ def add_model(src: str | Path, *, name: str | None = None, link: bool = True, ve
 
 
 def _manifest_for_file(path: Path) -> Manifest:
-    from edge_runtime.models.artifact import artifact_from_gguf
-    from edge_runtime.models.manifest import Manifest, ManifestArtifact
 
     if path.suffix.lower() != ".gguf":
         raise InvalidModelFileError(f"{path}: only .gguf files can be added on their own",
@@ -215,7 +190,6 @@ def _companion_names(path: Path, fmt: str) -> list[str]:
     """Files beside an artifact that it needs to load (a .tflite's tokenizer and description)."""
     if fmt != "tflite":
         return []  # a GGUF holds everything; an ONNX folder is copied whole
-    from edge_runtime.formats.tflite import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, sidecar_path
 
     names = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, sidecar_path(path).name)
     return [n for n in names if (path.parent / n).is_file()]
@@ -259,8 +233,6 @@ def remove_model(name: str) -> Path:
 
 def verify_model(spec: str) -> tuple[Manifest, list[FileCheck]]:
     """Re-hash every artifact of a store entry (or a folder holding a manifest)."""
-    from edge_runtime.models.manifest import read_manifest, verify_manifest
-
     path = Path(spec).expanduser()
     manifest = read_manifest(path, check_files=False) if path.is_dir() else open_model(spec, check_files=False)
     return manifest, verify_manifest(manifest)
@@ -291,8 +263,6 @@ def list_models(*, with_sha256: bool = True) -> list[ModelEntry]:
 
     A damaged store entry is listed with its ``error``, never skipped or used.
     """
-    from edge_runtime.formats.gguf import describe_gguf
-
     entries = []
     for model in EMBEDDED:
         path = embedded_model_path(model)

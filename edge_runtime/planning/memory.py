@@ -22,11 +22,12 @@ from __future__ import annotations
 import functools
 import platform
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any, Collection
+from typing import Any
 
-from edge_runtime.errors import InvalidConfigError
 from edge_runtime.backends.base import MemoryEstimate
+from edge_runtime.errors import InvalidConfigError
 from edge_runtime.formats.gguf import GGUFArray, GGUFHeader, GGUFTensor, gguf_constants
 
 MiB = 1 << 20

@@ -12,11 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_runtime.models.artifact import Artifact
 from edge_runtime import backends as registry
 from edge_runtime.backends.base import Availability, Settings
 from edge_runtime.device.info import DeviceInfo
 from edge_runtime.errors import BackendUnavailableError, DoesNotFitError, EdgeRuntimeError
+from edge_runtime.models.artifact import Artifact
 from edge_runtime.planning.memory import MemoryEstimate
 from edge_runtime.planning.profiles import DeviceProfile
 
@@ -131,7 +131,8 @@ def choose_plan(
             reasons = [
                 f"profile {profile.id}: backend order {', '.join(profile.backends)}"
                 + ("" if request.backend is None else f"; --backend {request.backend} forced"),
-                f"{name} {availability.version or ''} available ({', '.join(availability.devices) or 'CPU'})".replace("  ", " "),
+                f"{name} {availability.version or ''} available "
+                f"({', '.join(availability.devices) or 'CPU'})".replace("  ", " "),
                 rung_reason,
                 *fit_reasons,
                 f"memory: est. {_fmt(memory.total_bytes)} of {_fmt(budget)} budget "

@@ -11,6 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from edge_runtime.files import atomic_write
+from edge_runtime.report.html import render_html
+from edge_runtime.report.markdown import render_markdown
+from edge_runtime.report.plots import draw_plots
 from edge_runtime.report.tables import Report, build_report, recommendation_line
 
 __all__ = ["Report", "build_report", "recommendation_line", "write_report"]
@@ -18,10 +22,6 @@ __all__ = ["Report", "build_report", "recommendation_line", "write_report"]
 
 def write_report(report: Report, out_dir: str | Path) -> list[Path]:
     """Write report.html, report.md (with its PNG plots) and report.json into ``out_dir``."""
-    from edge_runtime.files import atomic_write
-    from edge_runtime.report.html import render_html
-    from edge_runtime.report.markdown import render_markdown
-    from edge_runtime.report.plots import draw_plots
 
     out = Path(out_dir)
     plots = draw_plots(report)

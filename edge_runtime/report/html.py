@@ -12,9 +12,11 @@ import re
 from html import escape
 from typing import TYPE_CHECKING
 
+from edge_runtime.report.tables import artifact_tables, device_table, fleet_table, recommendation_line
+
 if TYPE_CHECKING:
-    from edge_runtime.report.tables import Report, Table
     from edge_runtime.report.plots import Plot
+    from edge_runtime.report.tables import Report, Table
 
 STYLE = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1200px;
@@ -66,8 +68,6 @@ def figure_html(plot: Plot) -> str:
 
 def render_html(report: Report, plots: list[Plot]) -> str:
     """The whole report as one HTML document."""
-    from edge_runtime.report.tables import artifact_tables, device_table, fleet_table, recommendation_line
-
     body = ["<h1>edge-runtime device report</h1>",
             f"<p>{len(report.runs)} device run(s) · generated {escape(report.created)}</p>"]
     fleet = fleet_table(report)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from edge_runtime.report.tables import artifact_tables, device_table, fleet_table, recommendation_line
+
 if TYPE_CHECKING:
-    from edge_runtime.report.tables import Report, Table
     from edge_runtime.report.plots import Plot
+    from edge_runtime.report.tables import Report, Table
 
 
 def _cell(text: str) -> str:
@@ -32,8 +34,6 @@ def _image(plot: Plot) -> list[str]:
 
 def render_markdown(report: Report, plots: list[Plot]) -> str:
     """The whole report as Markdown."""
-    from edge_runtime.report.tables import artifact_tables, device_table, fleet_table, recommendation_line
-
     lines = ["# edge-runtime device report", "",
              f"{len(report.runs)} device run(s) · generated {report.created}", ""]
     fleet = fleet_table(report)

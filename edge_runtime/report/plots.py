@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.report.tables import pareto_front, quality_metric
 
 if TYPE_CHECKING:
     from edge_runtime.report.tables import Report
@@ -108,8 +109,6 @@ def ttft_plot(run: Any) -> bytes:
 
 def quality_plot(report: Report) -> bytes | None:
     """Quality figure against artifact size, the Pareto front joined; None without figures."""
-    from edge_runtime.report.tables import pareto_front, quality_metric
-
     seen: dict[str, tuple[str, float, float]] = {}
     metric: tuple[str, bool] | None = None
     for run in report.runs:

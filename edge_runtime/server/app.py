@@ -31,8 +31,16 @@ from edge_runtime.backends.base import CancelToken, Model, TokenEvent
 from edge_runtime.errors import ContextLengthExceededError, EdgeRuntimeError
 from edge_runtime.server.metrics import ServerMetrics
 from edge_runtime.server.wire import (
-    ApiError, CompletionRequest, chunk_body, completion_body, new_id, parse_completion_request,
-    parse_json_body, sse, usage, usage_chunk,
+    ApiError,
+    CompletionRequest,
+    chunk_body,
+    completion_body,
+    new_id,
+    parse_completion_request,
+    parse_json_body,
+    sse,
+    usage,
+    usage_chunk,
 )
 from edge_runtime.session import ChatFormatter
 

@@ -17,10 +17,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from edge_runtime.errors import GenerationError, SlotsBusyError
-from edge_runtime.backends.llamacpp import native
 from edge_runtime.backends.base import CancelToken, EvaluatedPrefix, GenerationStats, SamplingParams, TokenEvent
+from edge_runtime.backends.llamacpp import native
 from edge_runtime.backends.text import StreamingText
+from edge_runtime.errors import GenerationError, SlotsBusyError
 
 if TYPE_CHECKING:
     from edge_runtime.backends.llamacpp.model import LlamaCppModel

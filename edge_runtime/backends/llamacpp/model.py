@@ -12,8 +12,6 @@ import ctypes
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from edge_runtime.errors import GenerationError
-from edge_runtime.backends.llamacpp import native
 from edge_runtime.backends.base import (
     CancelToken,
     ModelInfo,
@@ -23,7 +21,9 @@ from edge_runtime.backends.base import (
     check_prompt,
     default_threads,
 )
+from edge_runtime.backends.llamacpp import native
 from edge_runtime.backends.llamacpp.batch import BatchScheduler, SlotPool
+from edge_runtime.errors import GenerationError
 
 
 class LlamaCppModel:

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import llama_cpp as _c
 
-from edge_runtime.errors import GenerationError, ModelLoadError
 from edge_runtime.backends.base import KV_CACHE_TYPES, SamplingParams, Settings
+from edge_runtime.errors import GenerationError, ModelLoadError
 
 log = logging.getLogger("edge_runtime.llama_cpp")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from edge_runtime.backends.base import Availability, MemoryEstimate, Settings
+from edge_runtime.backends.onnx.native import PREFILL_CHUNK
 from edge_runtime.formats.onnx import read_onnx_folder
 
 if TYPE_CHECKING:
@@ -27,7 +28,6 @@ MiB = 1 << 20
 OVERHEAD_BYTES = 75 * MiB
 COMPUTE_BASE_BYTES = 8 * MiB
 LOAD_FACTORS = {"fp32": 0.40, "fp16": 0.40, "bf16": 0.40, "int8": 0.08, "int4": 0.34}
-PREFILL_CHUNK = 128  # prompt tokens evaluated per genai call (bounds the logits buffer)
 
 
 def probe() -> Availability:

@@ -16,8 +16,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.errors import GenerationError, ModelLoadError, SlotsBusyError
-from edge_runtime.backends.onnx import native
 from edge_runtime.backends.base import (
     CancelToken,
     EvaluatedPrefix,
@@ -29,9 +27,10 @@ from edge_runtime.backends.base import (
     check_prompt,
     default_threads,
 )
-from edge_runtime.backends.onnx import PREFILL_CHUNK
-from edge_runtime.formats.onnx import OnnxFolder, read_onnx_folder
+from edge_runtime.backends.onnx import native
 from edge_runtime.backends.text import StreamingText
+from edge_runtime.errors import GenerationError, ModelLoadError, SlotsBusyError
+from edge_runtime.formats.onnx import OnnxFolder, read_onnx_folder
 
 # End-of-turn tokens chat models emit besides their EOS (llama.cpp stops on these too).
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>", "</s>")
@@ -170,7 +169,7 @@ class OnnxSlot:
             seq, kept = self._reuse(tokens)
             todo = tokens[kept:]
             while todo and not cancel.cancelled:  # chunks bound the logits buffer, and Ctrl-C waits less
-                chunk, todo = todo[:PREFILL_CHUNK], todo[PREFILL_CHUNK:]
+                chunk, todo = todo[:native.PREFILL_CHUNK], todo[native.PREFILL_CHUNK:]
                 seq.append(chunk)
                 self.prefix.tokens.extend(chunk)
                 evaluated += len(chunk)
@@ -309,13 +308,13 @@ class OnnxModel:
     def logit_rows(self, tokens: Sequence[int], first: int) -> Iterator[tuple[int, Any]]:
         """Evaluate ``tokens`` from position 0 and yield (position, logit rows) from ``first`` on.
 
-        For quality measurement: every position's logits, ``PREFILL_CHUNK`` tokens at a time, in a
+        For quality measurement: every position's logits, ``native.PREFILL_CHUNK`` tokens at a time, in a
         generator of its own (the slots' caches are left as they are).
         """
         tokens = self.check_prompt(tokens)
         seq = native.GenaiSequence(self.og_model, self.folder.cache_positions(self.info.n_ctx))
-        for pos in range(0, len(tokens), PREFILL_CHUNK):
-            chunk = tokens[pos:pos + PREFILL_CHUNK]
+        for pos in range(0, len(tokens), native.PREFILL_CHUNK):
+            chunk = tokens[pos:pos + native.PREFILL_CHUNK]
             seq.append(chunk)
             if pos + len(chunk) > first:
                 rows = seq.appended_logits()[max(0, first - pos):]

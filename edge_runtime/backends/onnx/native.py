@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.errors import GenerationError, InvalidModelFileError, ModelLoadError
 from edge_runtime.backends.base import SamplingParams
+from edge_runtime.errors import GenerationError, InvalidModelFileError, ModelLoadError
 
 # genai_config provider names of the execution providers onnxruntime lists as available.
 PROVIDER_NAMES = {
@@ -32,6 +32,7 @@ PROVIDER_NAMES = {
     "WebGpuExecutionProvider": "webgpu",
 }
 GPU_PROVIDERS = ("CUDAExecutionProvider", "DmlExecutionProvider", "CoreMLExecutionProvider")
+PREFILL_CHUNK = 128  # prompt tokens evaluated per genai call (bounds the logits buffer)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.errors import BackendUnavailableError, GenerationError, ModelLoadError
-from edge_runtime.quiet import quiet_native_stderr
 from edge_runtime.formats.tflite import (
     DECODE,
     INPUT_POS,
@@ -38,6 +37,7 @@ from edge_runtime.formats.tflite import (
     TfliteLayout,
     runtime_too_old,
 )
+from edge_runtime.quiet import quiet_native_stderr
 
 INSTALL_HINT = 'pip install "edge-runtime[tflite]"'
 
@@ -115,7 +115,7 @@ def weight_cache_path(model: Path, runtime_version: str = "") -> Path | None:
     With one, the packed weights are written once, then memory-mapped and shared by every
     signature and every later load (which also starts in a tenth of the time).
     """
-    from edge_runtime.models.store import home
+    from edge_runtime.models.locations import home
 
     try:
         stat = model.stat()

@@ -19,13 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.errors import (
-    BackendUnavailableError,
-    ContextLengthExceededError,
-    EdgeRuntimeError,
-    GenerationError,
-    SlotsBusyError,
-)
 from edge_runtime.backends.base import (
     CancelToken,
     EvaluatedPrefix,
@@ -37,10 +30,17 @@ from edge_runtime.backends.base import (
     check_prompt,
     default_threads,
 )
-from edge_runtime.backends.tokenizer import HFTokenizer
 from edge_runtime.backends.sampling import new_rng, sample_token
 from edge_runtime.backends.text import StreamingText
 from edge_runtime.backends.tflite.engine import INSTALL_HINT, find_runtime, open_engine
+from edge_runtime.backends.tokenizer import HFTokenizer
+from edge_runtime.errors import (
+    BackendUnavailableError,
+    ContextLengthExceededError,
+    EdgeRuntimeError,
+    GenerationError,
+    SlotsBusyError,
+)
 from edge_runtime.formats.tflite import DECODE, PREFILL_PREFIX, read_description, read_tflite_layout
 
 
