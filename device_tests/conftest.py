@@ -56,8 +56,8 @@ def profile(device: Any) -> Any:
 @pytest.fixture(scope="session")
 def plan(options: SuiteOptions, device: Any, profile: Any) -> Any:
     """What ``edgert plan`` chooses for the model on this device."""
-    from edge_runtime.planning.planner import choose_plan
     from edge_runtime.models.spec import find_artifacts
+    from edge_runtime.planning.planner import choose_plan
 
     return choose_plan(find_artifacts(options.model), device, profile)
 

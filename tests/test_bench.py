@@ -79,8 +79,8 @@ def test_table_goes_to_stdout_and_progress_to_stderr(bench_run):
 
 
 def test_weights_per_token_count_a_tied_head_whole(smollm2_path):
-    from edge_runtime.formats.gguf import read_gguf_header
     from edge_runtime.bench.roofline import weights_read_per_token
+    from edge_runtime.formats.gguf import read_gguf_header
 
     header = read_gguf_header(smollm2_path)
     embd = header.tensor("token_embd.weight")
@@ -90,8 +90,8 @@ def test_weights_per_token_count_a_tied_head_whole(smollm2_path):
 
 
 def test_kv_traffic_grows_with_position_and_stops_at_the_window(gemma_path):
-    from edge_runtime.formats.gguf import read_gguf_header
     from edge_runtime.bench.roofline import kv_read_per_token
+    from edge_runtime.formats.gguf import read_gguf_header
 
     header = read_gguf_header(gemma_path)
     window = header.arch_key("attention.sliding_window")

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from edge_runtime.backends.base import Availability
-from edge_runtime.device.info import BoardInfo, CpuInfo, DeviceInfo, GpuInfo, MemoryInfo, ThermalInfo, detect
-from edge_runtime.device.describe import format_device
 from edge_runtime.device.cpu import cpu_features, parse_cpu_list, parse_cpuinfo, parse_sysctl
+from edge_runtime.device.describe import format_device
+from edge_runtime.device.info import BoardInfo, CpuInfo, DeviceInfo, GpuInfo, MemoryInfo, ThermalInfo, detect
 from edge_runtime.device.readers import parse_meminfo, parse_tegra_release, parse_throttled
 
 MACHINES = Path(__file__).parent / "data" / "device"
@@ -234,10 +234,10 @@ def test_parse_small_formats() -> None:
     assert parse_sysctl("hw.physicalcpu: 8\nhw.optional.arm.FEAT_I8MM: 1\n") == {
         "hw.physicalcpu": "8", "hw.optional.arm.FEAT_I8MM": "1",
     }  # fmt: skip
-    assert cpu_features("fp asimd asimddp i8mm sve sve2 bf16".split()) == (
+    assert cpu_features(["fp", "asimd", "asimddp", "i8mm", "sve", "sve2", "bf16"]) == (
         "bf16", "dotprod", "i8mm", "neon", "sve", "sve2",
     )  # fmt: skip
-    assert cpu_features("pni avx512f avx512_vnni lm".split()) == ("avx512_vnni", "avx512f", "sse3")
+    assert cpu_features(["pni", "avx512f", "avx512_vnni", "lm"]) == ("avx512_vnni", "avx512f", "sse3")
     # Kernels before 3.14 have no MemAvailable: free + cached stands in.
     old_kernel = parse_meminfo("MemTotal: 100 kB\nMemFree: 10 kB\nCached: 20 kB\n")
     assert old_kernel["available_bytes"] == 30 * 1024

@@ -6,15 +6,14 @@ import json
 import subprocess
 
 import pytest
+from synthetic_gguf import LLAMA_3_2_1B, Q, write_llama_gguf
 
-from edge_runtime.models.artifact import Artifact, artifact_from_gguf
 from edge_runtime.backends.base import Availability
 from edge_runtime.device.info import CpuInfo, DeviceInfo, GpuInfo, MemoryInfo
 from edge_runtime.errors import BackendUnavailableError, DoesNotFitError
+from edge_runtime.models.artifact import Artifact, artifact_from_gguf
 from edge_runtime.planning.planner import PlanRequest, choose_plan
 from edge_runtime.planning.profiles import get_profile, load_profiles, match_profile
-
-from synthetic_gguf import LLAMA_3_2_1B, Q, write_llama_gguf
 
 GIB = 1 << 30
 LLAMA_CPU = Availability(name="llama.cpp", available=True, version="0.3.36", devices=("CPU",))
