@@ -27,27 +27,20 @@ import time
 from pathlib import Path
 
 MB = 1e6
-# VmHWM (this process image's peak RSS) rather than ru_maxrss: Linux carries ru_maxrss across
-# exec, so a child of a big parent (this script, with torch loaded) would report the parent's size.
+# peak_rss_bytes reads VmHWM (this process image's peak RSS), not ru_maxrss: Linux carries ru_maxrss
+# across exec, so a child of a big parent (this script, with torch loaded) would report the parent's size.
 CHILD = r"""
 import json, sys, time
 
-def peak_rss():
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:  # not Linux: ru_maxrss (bytes on macOS)
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
 from edge_runtime.converters.hf_to_gguf import check_source, convert_hf_to_gguf
-floor = peak_rss()
+from edge_runtime.device.sensors import peak_rss_bytes
+
+floor = peak_rss_bytes()
 info = check_source(sys.argv[1])
 started = time.perf_counter()
 result = convert_hf_to_gguf(sys.argv[1], sys.argv[2], outtype=sys.argv[3])
 seconds = time.perf_counter() - started
-print(json.dumps({"seconds": seconds, "peak_rss": peak_rss(),
+print(json.dumps({"seconds": seconds, "peak_rss": peak_rss_bytes(),
                   "floor_rss": floor, "largest_tensor": info.largest_tensor_bytes, "n_params": result.n_params,
                   "size": result.size_bytes, "pre": result.tokenizer_pre}))
 """

@@ -19,27 +19,25 @@ import os
 import subprocess
 import sys
 
+from edge_runtime.device.sensors import peak_rss_bytes, rss_now_bytes
+
 N_THREADS, N_BATCH, N_UBATCH, N_GENERATE = 2, 512, 512, 16
 TEXT = b"The quick brown fox jumps over the lazy dog while the cat watches from the window. "
 
 
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
 def _peak_bytes() -> int:
-    # VmHWM is this process's own high-water mark; ru_maxrss would also carry the parent's peak
-    # across fork and exec. Both are updated lazily, hence the current RSS too.
-    return max(_status_bytes("VmHWM"), _status_bytes("VmRSS"))
+    """This process's own peak resident memory (VmHWM on Linux: ru_maxrss would carry the parent's)."""
+    peak = peak_rss_bytes()
+    if peak is None:
+        raise RuntimeError("this platform does not report a process's peak resident memory")
+    return peak
 
 
 def child(path: str, n_ctx: int, n_prompt: int) -> None:
     """Measure one configuration in this (fresh) process and print one JSON line."""
-    before = _status_bytes("VmRSS")
+    before = rss_now_bytes()  # the sensors module and psutil are already in: a few MiB, not counted
+    if before is None:
+        raise RuntimeError("cannot read this process's resident memory")
     import llama_cpp
 
     after_import = _peak_bytes()
@@ -59,7 +57,7 @@ def child(path: str, n_ctx: int, n_prompt: int) -> None:
 
 
 def measure(path: str, n_ctx: int, n_prompt: int) -> dict[str, int]:
-    """Run `child` in a fresh interpreter: nothing imported before the first reading."""
+    """Run `child` in a fresh interpreter: only the memory readers are imported before the first reading."""
     out = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--child", path, str(n_ctx), str(n_prompt)],
         check=True, capture_output=True, text=True,
@@ -91,7 +89,6 @@ def main() -> int:
     parser.add_argument("--model", action="append", default=[], help="extra GGUF file (repeatable)")
     args = parser.parse_args()
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from edge_runtime.formats.gguf import read_gguf_header
     from edge_runtime.planning.memory import estimate_memory
 

@@ -35,11 +35,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -48,6 +45,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import httpx
+
+from edge_runtime.local_server import LOOPBACK, free_port, running_server
 
 RAW_PROMPT = "1, 2, 3, 4, 5, 6,"
 TOPICS = (
@@ -135,39 +134,7 @@ def raw_ratio(path: str, threads: int, ctx: int, n_tokens: int, reps: int) -> tu
     return statistics.median(single), statistics.median(batched), notes
 
 
-# -- servers --------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running_server(name: str, argv: list[str], port: int, ready_path: str, timeout: float = 180.0) -> Iterator[None]:
-    """Start a server process, wait until ``ready_path`` answers 200, always terminate it."""
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    tail = log.read()[-2000:]
-                    raise RuntimeError(f"{name} did not become ready (exit {proc.poll()}):\n{tail}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"http://127.0.0.1:{port}{ready_path}", timeout=2.0).status_code == 200:
-                        break
-                time.sleep(0.25)
-            yield
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=15)
-
+# -- clients --------------------------------------------------------------------------------------
 
 class DoneSpy(httpx.HTTPTransport):
     """Notes whether the last response's bytes held ``data: [DONE]`` (the openai client hides it)."""
@@ -200,7 +167,7 @@ def chat(port: int, tag: str, topic: str, turns: int, max_tokens: int) -> list[T
     from openai import OpenAI
 
     spy = DoneSpy()
-    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
+    client = OpenAI(base_url=f"http://{LOOPBACK}:{port}/v1", api_key="none", max_retries=0,
                     timeout=180.0, http_client=httpx.Client(transport=spy, timeout=180.0))
     messages: list[dict[str, str]] = [
         {"role": "system", "content": f"Conversation {tag}. You are a helpful assistant."},
@@ -244,7 +211,7 @@ def prompt_counters(port: int) -> tuple[float, float]:
     """edgert's (prompt tokens, prompt tokens served from the cache) so far; zeros elsewhere."""
     found = {"edgert_prompt_tokens_total": 0.0, "edgert_cached_prompt_tokens_total": 0.0}
     with contextlib.suppress(httpx.HTTPError, ValueError):
-        for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10.0).text.splitlines():
+        for line in httpx.get(f"http://{LOOPBACK}:{port}/metrics", timeout=10.0).text.splitlines():
             name, _, value = line.partition(" ")
             if name in found:
                 found[name] = float(value)
@@ -397,7 +364,7 @@ def main() -> None:
     argv = {
         "edgert": [sys.executable, "-m", "edge_runtime.cli", "serve", "--model", path, "--port", str(ports["edgert"]),
                    "--parallel", "4", "--ctx", str(args.ctx), "--threads", t],
-        "llama": [sys.executable, "-m", "llama_cpp.server", "--model", path, "--host", "127.0.0.1",
+        "llama": [sys.executable, "-m", "llama_cpp.server", "--model", path, "--host", LOOPBACK,
                   "--port", str(ports.get("llama", 0)), "--n_threads", t, "--n_threads_batch", t,
                   "--n_ctx", str(args.ctx), "--n_batch", "512", "--flash_attn", "true"],
     }
@@ -405,7 +372,7 @@ def main() -> None:
     phases: dict[tuple[str, int], Phase] = {(e, n): Phase() for e in engines for n in (1, 4)}
     with contextlib.ExitStack() as stack:
         for e in engines:
-            stack.enter_context(running_server(ENGINES[e], argv[e], ports[e], ready[e]))
+            stack.enter_context(running_server(argv[e], f"http://{LOOPBACK}:{ports[e]}{ready[e]}"))
             # First-request costs (and a first batch of 4 sequences) stay out of the figures.
             run_phase(ports[e], f"warmup-{e}", 4, argparse.Namespace(turns=1, max_tokens=8), Phase())
         for rnd in range(args.rounds):

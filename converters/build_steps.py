@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from edge_runtime.errors import EdgeRuntimeError, InvalidConfigError
 from edge_runtime.models.artifact import FLOAT_TYPES
 from edge_runtime.models.manifest import Manifest, ManifestArtifact
+from edge_runtime.models.reference import reference_is_current
 
 if TYPE_CHECKING:
     from edge_runtime.converters.build import BuildRequest
@@ -26,18 +27,6 @@ class TargetProfile(Protocol):
     def backends(self) -> tuple[str, ...]: ...
 
     def quant_ladder(self, fmt: str) -> tuple[str, ...]: ...
-
-
-# Fixed prompts whose greedy continuation by the unquantized artifact the manifest records, so a
-# device (device_tests/, `edgert eval`) can check that what it runs still says the same thing.
-REFERENCE_PROMPTS = (
-    "The capital of France is",
-    "Water boils at a temperature of",
-    "def fibonacci(n):",
-    "Once upon a time, in a small village,",
-)
-REFERENCE_TOKENS = 32
-REFERENCE_CTX = 256
 
 
 @dataclass(frozen=True)
@@ -195,26 +184,14 @@ def reference_continuations(
     base_path: Path, base_sha: str, previous: Manifest | None, threads: int | None,
     emit: Callable[[BuildEvent], None],
 ) -> dict[str, Any]:
-    """The greedy continuation of each ``REFERENCE_PROMPTS`` prompt by the unquantized artifact."""
-    from edge_runtime.backends import load_backend
-    from edge_runtime.backends.base import SamplingParams, Settings
+    """The greedy continuation of each reference prompt by the unquantized artifact (``models.reference``)."""
+    from edge_runtime.backends.llamacpp import greedy_reference
 
     old = previous.reference if previous else None
-    if (old and old.get("artifact_sha256") == base_sha and old.get("max_tokens") == REFERENCE_TOKENS
-            and [p.get("prompt") for p in old.get("prompts", [])] == list(REFERENCE_PROMPTS)):
+    if reference_is_current(old, base_sha):
         emit(BuildEvent("reference", "greedy continuations", 1, 1, reused=True))
         return old
-    rows = []
-    params = SamplingParams(max_tokens=REFERENCE_TOKENS, temperature=0.0)
-    with load_backend("llama.cpp").load(str(base_path), Settings(n_ctx=REFERENCE_CTX, n_threads=threads)) as model:
-        for i, prompt in enumerate(REFERENCE_PROMPTS):
-            emit(BuildEvent("reference", "greedy continuations", i, len(REFERENCE_PROMPTS)))
-            model.reset()
-            tokens = model.tokenize(prompt, add_bos=model.info.add_bos)
-            events = list(model.generate(tokens, params))
-            rows.append({"prompt": prompt, "continuation": "".join(e.text for e in events),
-                         "tokens": [e.token for e in events if e.token is not None]})
-        add_bos = model.info.add_bos
+    reference = greedy_reference(base_path, base_sha, threads=threads, progress=lambda done, total:
+                                 emit(BuildEvent("reference", "greedy continuations", done, total)))
     emit(BuildEvent("reference", "greedy continuations", 1, 1, finished=True))
-    return {"artifact": base_path.name, "artifact_sha256": base_sha, "sampling": "greedy",
-            "max_tokens": REFERENCE_TOKENS, "add_bos": add_bos, "chat_template": False, "prompts": rows}
+    return reference

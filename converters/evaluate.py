@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.converters.scorers import RowQueue, Scorer, Window, open_scorer
+from edge_runtime.converters.scorers import RowQueue, Scorer, Window
 from edge_runtime.errors import EdgeRuntimeError, InvalidConfigError
 
 DEFAULT_CTX = 512  # llama-perplexity's default, so numbers compare with published ones
@@ -207,7 +207,7 @@ def compare(
     scorers: list[Scorer] = []
     try:
         for path in ([reference] if reference is not None else []) + list(candidates):
-            scorers.append(open_scorer(path, n_ctx, threads))
+            scorers.append(Scorer(path, n_ctx, threads))
         ref = scorers[0] if reference is not None else None
         cands = scorers[1:] if ref is not None else scorers
         lead = scorers[0]
@@ -273,8 +273,3 @@ def evaluate(
     """Quality of one artifact: ``compare`` with a single candidate."""
     return compare([candidate], reference, text=text, n_ctx=n_ctx, n_chunks=n_chunks,
                    threads=threads, progress=progress)[0]
-
-
-def reference_perplexity(reports: Sequence[QualityReport]) -> float | None:
-    """The reference's own perplexity, as every report of one comparison measured it."""
-    return next((r.ppl_ref for r in reports if r.ppl_ref is not None), None)

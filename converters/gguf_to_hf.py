@@ -124,6 +124,7 @@ def _restore_pre_tokenizer(folder: Path, src: Path) -> None:
         return  # already a sequence (or something we do not know): leave it alone
     digits = {"type": "Digits", "individual_digits": True}
     data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [digits, current]}
+    # ``folder`` is the temporary folder renamed into place whole: a plain write inside it is atomic.
     path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
 
 
@@ -142,5 +143,6 @@ def _keep_chat_template(folder: Path, template: str | None) -> str | None:
     if template:
         config = json.loads(config_path.read_text(encoding="utf-8"))
         config["chat_template"] = template
+        # ``folder`` is the temporary folder renamed into place whole: a plain write inside it is atomic.
         config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return template

@@ -32,6 +32,7 @@ from edge_runtime.converters.registry import converter_for
 from edge_runtime.converters.registry import supported_architectures as _supported
 from edge_runtime.converters.tensor_names import TensorName
 from edge_runtime.errors import InvalidConfigError, InvalidModelFileError, ModelNotFoundError
+from edge_runtime.files import atomic_path
 
 Progress = Callable[[int, int], None]
 
@@ -166,18 +167,12 @@ def convert_hf_to_gguf(src: str | os.PathLike[str], out: str | os.PathLike[str],
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     source_sha = st.hash_files(info.files, info.path)
-    tmp = target.parent / f".{target.name}.tmp"
-    writer = GGUFWriter(tmp, info.arch)
-    try:
-        _write(writer, info, info.converter, outtype, progress)
-        writer.close()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(target) as tmp:
+        writer = GGUFWriter(tmp, info.arch)
+        try:
+            _write(writer, info, info.converter, outtype, progress)
+        finally:
+            writer.close()
     return ConversionResult(
         path=target, arch=info.arch, hf_architecture=info.hf_architecture, n_params=info.n_params,
         n_tensors=len(info.tensors), outtype=outtype, source_sha256=source_sha,

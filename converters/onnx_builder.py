@@ -29,9 +29,12 @@ def _flatten_gemma3_rope(config: Any) -> None:
 
 
 def main() -> None:
-    # The builder imports its classes as the top-level package ``builders``: patch that one.
-    import builders  # type: ignore[import-not-found]
     import onnxruntime_genai.models  # noqa: F401 - puts the builder's folder on sys.path, as it expects
+
+    # isort: split
+    # The builder imports its classes as the top-level package ``builders``: patch that one (the
+    # import above must run first, so sorting may not swap the two).
+    import builders  # type: ignore[import-not-found]
 
     original = builders.Gemma3Model.__init__
 

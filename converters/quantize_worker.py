@@ -11,7 +11,6 @@ in a child process the parent can end it at once (and a llama.cpp abort ends onl
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import sys
@@ -34,23 +33,15 @@ def main(argv: list[str]) -> int:
     request = json.loads(argv[1])
     protocol = open_protocol()  # the parent owns Ctrl-C: it kills this process, removes the partial file
 
-    import llama_cpp
+    from edge_runtime.backends.llamacpp import quantize
 
-    from edge_runtime.backends.llamacpp.native import ensure_initialized, take_recent_errors
-
-    ensure_initialized()
-    logger = logging.getLogger("edge_runtime.llama_cpp")
+    logger = logging.getLogger("edge_runtime.llama_cpp")  # where the backend routes llama.cpp's log
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
     logger.addHandler(_LineForwarder(protocol))
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.nthread = int(request["nthread"])
-    params.ftype = int(request["ftype"])
-    params.allow_requantize = bool(request["allow_requantize"])
-    rc = llama_cpp.llama_model_quantize(
-        request["src"].encode(), request["dst"].encode(), ctypes.byref(params))
-    send(protocol, rc=int(rc), errors=take_recent_errors())
+    rc, errors = quantize(request["src"], request["dst"], ftype=int(request["ftype"]),
+                          nthread=int(request["nthread"]), allow_requantize=bool(request["allow_requantize"]))
+    send(protocol, rc=rc, errors=errors)
     return 0
 
 

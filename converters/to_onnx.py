@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.errors import InvalidConfigError, ModelLoadError, ModelNotFoundError, UnsupportedModelError
+from edge_runtime.files import replace_folder
 from edge_runtime.formats.onnx import SIDECAR, read_onnx_folder
 
 Progress = Callable[[int, int], None]
@@ -92,7 +92,7 @@ def convert_hf_to_onnx(src: str | Path, out_dir: str | Path, *, precision: str =
                        n_params=n_params, hf_architecture=hf_arch)
         folder = read_onnx_folder(tmp)  # the checks every load makes, before it goes into place
         tmp.chmod(0o755)
-        _swap_into_place(tmp, out)
+        replace_folder(tmp, out)
     return OnnxConversionResult(
         path=out, precision=precision, size_bytes=folder.size_bytes, n_params=n_params,
         n_ctx=folder.max_length, arch=folder.arch, seconds=time.perf_counter() - started, notes=notes,
@@ -201,6 +201,7 @@ def _keep_chat_template(src: Path, out: Path) -> None:
         return
     config = json.loads(target.read_text(encoding="utf-8"))
     config["chat_template"] = template
+    # ``out`` is the temporary folder renamed into place whole: a plain write inside it is atomic.
     target.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
@@ -214,20 +215,5 @@ def _write_sidecar(out: Path, **fields: Any) -> None:
     fields["kv_bytes"] = sizes.get(past[0].type.tensor_type.elem_type, 4) if past else 4
     # The memory estimate needs to know whether the embedding is the LM head's 4-bit weights.
     fields["embedding_quantized"] = any(n.op_type == "GatherBlockQuantized" for n in graph.node)
+    # ``out`` is the temporary folder renamed into place whole: a plain write inside it is atomic.
     (out / SIDECAR).write_text(json.dumps(fields, indent=2) + "\n", encoding="utf-8")
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an old ``out`` goes only after the new one is in place."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old.{os.getpid()}")
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -54,7 +54,6 @@ from edge_runtime.models.manifest import ManifestArtifact
 __all__ = [
     "QUANT_RECIPES",
     "TfliteConversionResult",
-    "companion_files",
     "convert_hf_to_tflite",
     "recipe_for_type",
     "tflite_file_name",
@@ -159,12 +158,6 @@ def tflite_manifest_entry(path: Path, *, role: str, profiles: tuple[str, ...] = 
         sha256=file_sha256(Path(path)), arch=art.arch, n_params=art.n_params, n_ctx_train=art.n_ctx_train,
         role=role, profiles=profiles, build=dict(build or {}),
     )
-
-
-def companion_files(path: Path) -> list[Path]:
-    """The files a .tflite needs beside it (tokenizer, config, description): copy them along."""
-    p = Path(path)
-    return [f for f in (p.parent / TOKENIZER_FILE, p.parent / TOKENIZER_CONFIG_FILE, sidecar_path(p)) if f.is_file()]
 
 
 def _check_lengths(prefill_lengths: tuple[int, ...], kv_len: int, spec: DecoderSpec) -> tuple[int, ...]:

@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["detect", "plan", "load", "Session", "SamplingParams", "Settings", "CancelToken", "__version__"]
+__all__ = ["detect", "plan", "load", "Session", "SamplingParams", "Grammar", "Settings", "CancelToken", "__version__"]
 
 if TYPE_CHECKING:
-    from edge_runtime.backends.base import CancelToken, Model, SamplingParams, Settings
+    from edge_runtime.backends.base import CancelToken, Grammar, Model, SamplingParams, Settings
     from edge_runtime.device.info import DeviceInfo
     from edge_runtime.planning.planner import Plan
     from edge_runtime.session import Session
@@ -57,7 +57,7 @@ def __getattr__(name: str) -> object:
         from edge_runtime.session import Session
 
         return Session
-    if name in ("SamplingParams", "Settings", "CancelToken"):
+    if name in ("SamplingParams", "Grammar", "Settings", "CancelToken"):
         from edge_runtime.backends import base
 
         return getattr(base, name)

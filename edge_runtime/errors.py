@@ -35,6 +35,10 @@ class InvalidModelFileError(EdgeRuntimeError):
     code = "invalid_model_file"
 
 
+class ModelFormatError(InvalidModelFileError):
+    """A model file that passed our checks but killed (or hung) its runtime in a trial load."""
+
+
 class UnsupportedModelError(EdgeRuntimeError):
     """A well-formed model the backend cannot run (unknown architecture, missing tokenizer)."""
 
@@ -71,11 +75,25 @@ class ContextLengthExceededError(EdgeRuntimeError):
         self.n_ctx = n_ctx
 
 
+class InvalidRequestError(EdgeRuntimeError):
+    """A request the model cannot take as given: an empty prompt, a token outside the vocabulary."""
+
+    http_status = 400
+    code = "invalid_request_error"
+
+
 class GenerationError(EdgeRuntimeError):
     """The runtime failed while evaluating tokens (for example, out of KV cache space)."""
 
     http_status = 500
     code = "generation_failed"
+
+
+class WorkerUnavailableError(EdgeRuntimeError):
+    """A llama.cpp RPC worker holding part of a model cannot be reached, or went away mid-answer."""
+
+    http_status = 503
+    code = "worker_unavailable"
 
 
 class SlotsBusyError(EdgeRuntimeError):

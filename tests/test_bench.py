@@ -31,8 +31,13 @@ def bench_run(edgert_cmd, tmp_path_factory):
 
 def test_document_validates_against_its_schema(bench_run):
     _, doc = bench_run
-    assert schema_errors(doc, BENCH_SCHEMA) == []
+    assert schema_errors(doc) == []
     check_bench_document(doc)  # raises on any problem
+    # The schema is plain JSON Schema: another tool validating with jsonschema agrees.
+    from jsonschema import Draft202012Validator
+
+    Draft202012Validator.check_schema(BENCH_SCHEMA)
+    assert list(Draft202012Validator(BENCH_SCHEMA).iter_errors(doc)) == []
     assert doc["schema_version"] == 1 and doc["kind"] == "edgert-bench"
     assert doc["method"]["prompt_tokens"] == list(PROMPTS) and doc["method"]["reps"] == 1
     assert doc["method"]["threads"] == [2] and doc["device"]["cpu"]["logical_cores"] >= 1
@@ -117,18 +122,22 @@ def test_schema_validator_names_the_problem(bench_run):
     del broken["results"][0]["ttft_ms"]
     broken["results"][0]["samples"][0]["kind"] = "mystery"
     broken["method"]["reps"] = 0
-    problems = schema_errors(broken, BENCH_SCHEMA)
+    broken["results"][0]["ttft_ms_sd"] = {"eight": 1.0}
+    broken["memory_bandwidth"]["gbs"] = 0
+    problems = schema_errors(broken)
     assert "$.results[0].decode_tok_s: expected number, found NaN/Infinity" in problems
     assert "$.results[0]: missing 'ttft_ms'" in problems
     assert any(p.startswith("$.results[0].samples[0].kind") for p in problems)
     assert "$.method.reps: 0 is below 1" in problems
+    assert "$.results[0].ttft_ms_sd: key 'eight' does not match ^[0-9]+$" in problems
+    assert "$.memory_bandwidth.gbs: 0 must be above 0" in problems
     with pytest.raises(InvalidConfigError, match="not a valid bench result"):
         check_bench_document(broken)
 
 
 @pytest.mark.parametrize("args, message", [
     (["--ctx", "64", "--prompt-tokens", "512"], "--ctx 64 cannot hold a 512-token prompt"),
-    (["--prompt-tokens", "8,x"], "is not a positive whole number"),
+    (["--prompt-tokens", "8,x"], "'x' is not a whole number"),
 ])
 def test_bad_options_are_one_line_errors(edgert_cmd, args, message):
     proc = edgert(edgert_cmd, "bench", *args)

@@ -1,20 +1,23 @@
-"""The llama.cpp backend on the real embedded models: streaming, prefix reuse, cancel, limits."""
+"""The llama.cpp backend on the real embedded models: streaming, the sliding window, batching.
+
+What every backend promises (prefix reuse, cancel, stop strings, limits, seeds) is in tests/contract/.
+"""
 
 from __future__ import annotations
 
 import pytest
 
-from edge_runtime.backends.base import CancelToken, SamplingParams, Settings
+from edge_runtime.backends.base import SamplingParams, Settings
 from edge_runtime.backends.llamacpp.model import LlamaCppModel
-from edge_runtime.errors import ContextLengthExceededError, EdgeRuntimeError
+from edge_runtime.errors import InvalidRequestError
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24)
 
 
-def run(model, tokens, params=GREEDY, cancel=None):
+def run(model, tokens, params=GREEDY):
     """Generate; return (tokens, text, last event)."""
     out, text, last = [], [], None
-    for event in model.generate(tokens, params, cancel=cancel):
+    for event in model.generate(tokens, params):
         if event.token is not None:
             out.append(event.token)
         text.append(event.text)
@@ -31,41 +34,6 @@ def test_streams_tokens_and_finishes_with_stats(smollm2):
     assert stats.prompt_tokens == len(prompt) and stats.gen_tokens == 24
     assert stats.ttft_s > 0 and stats.decode_tok_s > 0
     assert smollm2.detokenize(tokens) == text
-
-
-def test_second_call_evaluates_only_the_new_tokens(smollm2):
-    smollm2.reset()
-    first = smollm2.tokenize("The river ran through the valley and", add_bos=smollm2.info.add_bos)
-    generated, _, last = run(smollm2, first)
-    assert last.stats.cached_tokens == 0
-    follow = smollm2.tokenize(" Then the rain came.", special=False)
-    second = first + generated + follow
-    before = smollm2.evaluated_total
-    _, _, last = run(smollm2, second)
-    # Cached: the first prompt and every generated token that was fed back (all but the last).
-    assert last.stats.cached_tokens == len(first) + len(generated) - 1
-    assert last.stats.evaluated_tokens == len(follow) + 1
-    assert smollm2.evaluated_total - before == last.stats.evaluated_tokens + last.stats.gen_tokens - 1
-
-
-def test_reuse_gives_the_same_greedy_output_as_a_fresh_cache(smollm2):
-    base = smollm2.tokenize("Write a list of fruits: apple, banana,", add_bos=smollm2.info.add_bos)
-    run(smollm2, base)
-    branch = base[:5] + smollm2.tokenize(" cherry and grapes are", special=False)
-    reused, _, last = run(smollm2, branch)
-    assert last.stats.cached_tokens == 5
-    smollm2.reset()
-    fresh, _, last = run(smollm2, branch)
-    assert last.stats.cached_tokens == 0
-    assert reused == fresh
-
-
-def test_identical_prompt_twice_reevaluates_only_the_last_token(smollm2):
-    prompt = smollm2.tokenize("Two plus two equals", add_bos=smollm2.info.add_bos)
-    a, _, _ = run(smollm2, prompt)
-    b, _, last = run(smollm2, prompt)
-    assert a == b
-    assert last.stats.evaluated_tokens == 1
 
 
 def test_sliding_window_cache_is_not_trusted_past_its_window(gemma_path, prose):
@@ -90,81 +58,6 @@ def test_sliding_window_cache_is_not_trusted_past_its_window(gemma_path, prose):
         model.reset()
         fresh_ext, _, _ = run(model, extended)
         assert reused_ext == fresh_ext
-
-
-def test_cancel_stops_between_tokens_and_leaves_a_usable_cache(smollm2):
-    prompt = smollm2.tokenize("1, 2, 3, 4, 5, 6,", add_bos=smollm2.info.add_bos)
-    cancel = CancelToken()
-    got = []
-    stream = smollm2.generate(prompt, SamplingParams(temperature=0, max_tokens=200), cancel=cancel)
-    for event in stream:
-        if event.token is not None:
-            got.append(event.token)
-        if len(got) == 3 and not cancel.cancelled:
-            cancel.cancel()
-        last = event
-    assert last.finish_reason == "cancelled"
-    # The scheduler may have sampled one more token before it saw the cancel: within one token.
-    assert len(got) in (3, 4) and last.stats.gen_tokens == len(got)
-    after, _, _ = run(smollm2, prompt)
-    smollm2.reset()
-    fresh, _, _ = run(smollm2, prompt)
-    assert after == fresh
-
-
-def test_cancel_before_prefill_returns_nothing(smollm2):
-    cancel = CancelToken()
-    cancel.cancel()
-    prompt = smollm2.tokenize("Hello there", add_bos=smollm2.info.add_bos)
-    tokens, text, last = run(smollm2, prompt, cancel=cancel)
-    assert tokens == [] and text == "" and last.finish_reason == "cancelled"
-
-
-def test_stop_string_ends_the_answer_and_is_not_shown(smollm2):
-    prompt = smollm2.tokenize("1, 2, 3, 4, 5,", add_bos=smollm2.info.add_bos)
-    _, free_text, _ = run(smollm2, prompt, SamplingParams(temperature=0, max_tokens=20))
-    assert "8" in free_text
-    params = SamplingParams(temperature=0, max_tokens=20, stop=("8",))
-    _, text, last = run(smollm2, prompt, params)
-    assert last.finish_reason == "stop"
-    assert "8" not in text and free_text.startswith(text)
-
-
-def test_prompt_longer_than_the_context_is_an_error_before_streaming(smollm2):
-    with pytest.raises(ContextLengthExceededError) as info:
-        smollm2.generate([1] * 4096, GREEDY)
-    assert info.value.n_ctx == 2048 and info.value.n_tokens == 4096
-    with pytest.raises(EdgeRuntimeError):
-        smollm2.generate([], GREEDY)
-    with pytest.raises(EdgeRuntimeError, match="outside the vocabulary"):
-        smollm2.generate([1, smollm2.info.n_vocab], GREEDY)
-
-
-def test_generation_stops_at_the_end_of_the_context(smollm2_path):
-    with LlamaCppModel(str(smollm2_path), Settings(n_ctx=64, n_threads=2)) as model:
-        prompt = model.tokenize("word " * 50, add_bos=False)[:50]
-        tokens, _, last = run(model, prompt, SamplingParams(temperature=0, max_tokens=100))
-        assert last.finish_reason == "length"
-        assert len(prompt) + len(tokens) <= 64
-
-
-def test_seeded_sampling_is_reproducible(smollm2):
-    prompt = smollm2.tokenize("My favourite colour is", add_bos=smollm2.info.add_bos)
-    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=16, seed=7)
-    a, _, _ = run(smollm2, prompt, params)
-    b, _, _ = run(smollm2, prompt, params)
-    c, _, _ = run(smollm2, prompt, SamplingParams(**{**params.__dict__, "seed": 8}))
-    assert a == b and a != c
-
-
-def test_a_second_stream_while_one_runs_is_refused(smollm2):
-    prompt = smollm2.tokenize("Hi", add_bos=smollm2.info.add_bos)
-    first = smollm2.generate(prompt, GREEDY)
-    next(first)
-    with pytest.raises(EdgeRuntimeError, match="already generating"):
-        next(smollm2.generate(prompt, GREEDY))
-    first.close()
-    run(smollm2, prompt)  # the lock is released when the first stream is closed
 
 
 def test_model_info_comes_from_the_file(smollm2):
@@ -215,3 +108,25 @@ def test_prompts_arriving_together_are_prefilled_one_after_another(smollm2_path)
         # The first tokens, where a near-tie flipped by another batch shape is least likely.
         alone = (run(model, long)[0], run(model, short)[0])
         assert [t[:8] for t in together] == [t[:8] for t in alone]
+
+
+def test_logit_rows_give_every_position_and_leave_the_cache_alone(smollm2, prose):
+    import numpy as np
+
+    prompt = smollm2.tokenize("The capital of France is", add_bos=smollm2.info.add_bos)
+    greedy, _, _ = run(smollm2, prompt, SamplingParams(temperature=0, max_tokens=1))
+    rows = list(smollm2.logit_rows(prompt, 2))
+    assert [pos for pos, _ in rows] == [2]
+    (_, block), = rows
+    assert block.dtype == np.float32 and block.shape == (len(prompt) - 2, smollm2.info.n_vocab)
+    assert int(block[-1].argmax()) == greedy[0]  # the same model, whichever context runs it
+    _, _, last = run(smollm2, prompt, SamplingParams(temperature=0, max_tokens=1))
+    assert last.stats.cached_tokens == len(prompt) - 1  # scoring used a context of its own
+    # Longer than a batch: the rows come batch by batch, every position once, in order.
+    long = smollm2.tokenize(prose[:6000], add_bos=False)[:700]
+    positions = [(pos, len(block)) for pos, block in smollm2.logit_rows(long, 100)]
+    assert len(positions) > 1 and positions[0][0] == 100
+    assert all(p + n == q for (p, n), (q, _) in zip(positions, positions[1:], strict=False))
+    assert sum(n for _, n in positions) == len(long) - 100
+    with pytest.raises(InvalidRequestError):
+        smollm2.logit_rows([], 0)

@@ -147,16 +147,13 @@ def test_estimate_against_a_real_load(smollm2_header: GGUFHeader) -> None:
     pytest.importorskip("llama_cpp")
     child = textwrap.dedent(f"""
         import json
-        def status(key):
-            with open("/proc/self/status") as f:
-                return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
-        before = status("VmRSS")
+        from edge_runtime.device.sensors import peak_rss_bytes, rss_now_bytes
+        before = rss_now_bytes()
         import llama_cpp
         llm = llama_cpp.Llama(model_path={str(smollm2_file())!r}, n_ctx=2048, n_threads=2,
                               n_batch=512, flash_attn=True, swa_full=False, verbose=False)
         llm.create_completion("The capital of France is", max_tokens=8, temperature=0.0)
-        # VmHWM, not ru_maxrss: the latter keeps the parent's peak across fork and exec.
-        print(json.dumps(max(status("VmHWM"), status("VmRSS")) - before))
+        print(json.dumps(peak_rss_bytes() - before))  # this process's own peak (VmHWM), not the parent's
     """)
     if not Path("/proc/self/status").exists():
         pytest.skip("needs /proc to read resident memory")

@@ -21,10 +21,8 @@ for _module in ("onnx", "onnx_ir", "onnxscript", "torch", "transformers"):
 
 import numpy as np
 
-from edge_runtime.backends.base import CancelToken, SamplingParams, Settings
+from edge_runtime.backends.base import SamplingParams, Settings
 from edge_runtime.errors import (
-    ContextLengthExceededError,
-    EdgeRuntimeError,
     InvalidConfigError,
     InvalidModelFileError,
     UnsupportedModelError,
@@ -202,90 +200,7 @@ def test_quantized_divergence_is_bounded(converted, fp32, precision, max_kl, min
         assert greedy_first == run(fp32, ids[:12], SamplingParams(max_tokens=1, temperature=0))[0]
 
 
-# -- generation semantics ----------------------------------------------------------------------
-
-
-def test_prefix_reuse_gives_the_output_of_a_fresh_model(fp32, fp32_dir):
-    prompt = fp32.tokenize(PROMPT, add_bos=True)
-    fp32.reset()
-    first, _, last = run(fp32, prompt)
-    assert last.stats.cached_tokens == 0 and last.stats.evaluated_tokens == len(prompt)
-    longer = prompt + first[:10] + fp32.tokenize("\nAll:\nSpeak")
-    second, _, last = run(fp32, longer)
-    assert last.stats.cached_tokens >= len(prompt) + 10
-    assert last.stats.evaluated_tokens == len(longer) - last.stats.cached_tokens
-    branched = prompt[:5] + fp32.tokenize(" Second Citizen:")  # shares only the start: a rewind
-    third, _, last = run(fp32, branched)
-    assert last.stats.cached_tokens == 5
-    fresh = load(fp32_dir)
-    try:
-        assert run(fresh, longer)[0] == second
-        fresh.reset()
-        assert run(fresh, branched)[0] == third
-    finally:
-        fresh.close()
-
-
-def test_a_seed_reproduces_a_sampled_answer_with_or_without_the_cache(fp32):
-    prompt = fp32.tokenize(PROMPT, add_bos=True)
-    params = SamplingParams(max_tokens=16, temperature=0.9, top_k=40, top_p=0.95, min_p=0.05,
-                            repeat_penalty=1.1, seed=7)
-    fp32.reset()
-    a = run(fp32, prompt, params)[0]
-    b = run(fp32, prompt, params)[0]  # from the cache this time
-    assert a == b and run(fp32, prompt, SamplingParams(max_tokens=16, temperature=0.9, seed=8))[0] != a
-
-
-def test_cancel_stops_between_tokens_and_the_next_call_is_clean(fp32):
-    prompt = fp32.tokenize(PROMPT, add_bos=True)
-    expected = run(fp32, prompt)[0]
-    cancel = CancelToken()
-    got = []
-    for event in fp32.generate(prompt, GREEDY, cancel=cancel):
-        if event.token is not None:
-            got.append(event.token)
-        if len(got) == 3:
-            cancel.cancel()
-        last = event
-    assert last.finish_reason == "cancelled" and last.stats.gen_tokens == 3 and got == expected[:3]
-    assert run(fp32, prompt)[0] == expected
-
-
-def test_a_stop_string_ends_the_answer_before_it(fp32):
-    prompt = fp32.tokenize(PROMPT, add_bos=True)
-    _, full, _ = run(fp32, prompt)
-    stop = full[len(full) // 2: len(full) // 2 + 3]
-    assert stop.strip(), full
-    _, text, last = run(fp32, prompt, SamplingParams(max_tokens=24, temperature=0, stop=(stop,)))
-    assert last.finish_reason == "stop" and text == full[: full.index(stop)]
-
-
-def test_prompts_that_do_not_fit_fail_before_streaming(fp32_dir):
-    model = load(fp32_dir, n_ctx=32)
-    try:
-        assert model.info.n_ctx == 32 and model.info.n_ctx_train == 256
-        with pytest.raises(ContextLengthExceededError):
-            model.generate(list(range(5, 37)), GREEDY)
-        with pytest.raises(EdgeRuntimeError, match="empty"):
-            model.generate([], GREEDY)
-        tokens, _, last = run(model, list(range(5, 25)), SamplingParams(max_tokens=100, temperature=0))
-        assert last.finish_reason == "length" and 20 + len(tokens) <= 32
-    finally:
-        model.close()
-
-
-def test_slots_keep_their_own_caches(fp32_dir):
-    model = load(fp32_dir, n_parallel=2)
-    try:
-        a, b = model.tokenize(PROMPT, add_bos=True), model.tokenize("To be, or not to be", add_bos=True)
-        with model.acquire_slot(a) as s1, model.acquire_slot(b) as s2:
-            out_a, out_b = run(s1, a)[0], run(s2, b)[0]
-        with model.acquire_slot(b) as slot:  # the slot that already holds b
-            _, _, last = run(slot, b)
-        assert last.stats.cached_tokens == len(b) - 1
-        assert run(model, a)[0] == out_a and run(model, b)[0] == out_b
-    finally:
-        model.close()
+# -- a chat session (the semantics every backend shares: tests/contract/) ----------------------
 
 
 def test_a_chat_session_uses_the_models_own_template(fp32, tiny_llama_dir):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -13,45 +13,33 @@ import httpx
 import openai
 import pytest
 
+from edge_runtime.local_server import LOOPBACK, ServerNotReady, free_port, running_server
+
 GREEDY = {"temperature": 0, "max_tokens": 24}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
-def running_server(edgert_cmd, *args: str, api_key: str | None = None):
-    """Start `edgert serve`, wait until /health says ok, stop it afterwards."""
+def edgert_server(edgert_cmd, *args: str):
+    """A real `edgert serve` on a free loopback port, ready (its /health answers); yields its base URL."""
     port = free_port()
-    proc = subprocess.Popen([*edgert_cmd, "serve", "--port", str(port), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become ready"
-            time.sleep(0.2)
+    base = f"http://{LOOPBACK}:{port}"
+    with running_server([*edgert_cmd, "serve", "--port", str(port), *args], f"{base}/health", timeout=120):
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+
+
+def test_a_server_that_exits_while_starting_is_reported_with_its_output():
+    argv = [sys.executable, "-c", "import sys; print('no model here', flush=True); sys.exit(3)"]
+    with (
+        pytest.raises(ServerNotReady, match="exited with status 3") as failed,
+        running_server(argv, f"http://{LOOPBACK}:{free_port()}/health", timeout=60),
+    ):
+        pass
+    assert "no model here" in str(failed.value)
 
 
 @pytest.fixture(scope="module")
 def server(edgert_cmd):
-    with running_server(edgert_cmd, "--parallel", "4", "--ctx", "1024", "--threads", "2") as base:
+    with edgert_server(edgert_cmd, "--parallel", "4", "--ctx", "1024", "--threads", "2") as base:
         yield base
 
 
@@ -196,7 +184,7 @@ def _metric(base: str, name: str) -> float:
 
 
 def test_a_client_that_disconnects_frees_its_slot(edgert_cmd):
-    with running_server(edgert_cmd, "--parallel", "1", "--ctx", "2048") as base:
+    with edgert_server(edgert_cmd, "--parallel", "1", "--ctx", "2048") as base:
         body = {"prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 1500, "temperature": 0, "stream": True}
         with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as res:
             assert res.status_code == 200
@@ -214,7 +202,7 @@ def test_a_client_that_disconnects_frees_its_slot(edgert_cmd):
 
 
 def test_queue_overflow_gives_429_with_retry_after(edgert_cmd):
-    with running_server(edgert_cmd, "--parallel", "1", "--queue", "1", "--ctx", "2048",
+    with edgert_server(edgert_cmd, "--parallel", "1", "--queue", "1", "--ctx", "2048",
                         "--queue-timeout", "600") as base:
         body = {"prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 120, "temperature": 0, "stream": True}
         statuses: list[int] = []
@@ -247,7 +235,7 @@ def test_queue_overflow_gives_429_with_retry_after(edgert_cmd):
 def test_api_key_guards_everything_but_health(edgert_cmd, tmp_path):
     key_file = tmp_path / "key"
     key_file.write_text("s3cret\n")
-    with running_server(edgert_cmd, "--parallel", "1", "--ctx", "512", "--api-key-file", str(key_file)) as base:
+    with edgert_server(edgert_cmd, "--parallel", "1", "--ctx", "512", "--api-key-file", str(key_file)) as base:
         assert httpx.get(f"{base}/health").status_code == 200
         assert httpx.get(f"{base}/v1/models").status_code == 401
         assert httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401

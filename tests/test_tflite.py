@@ -16,14 +16,13 @@ import os
 import shutil
 import subprocess
 import tempfile
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from edge_runtime.backends.base import CancelToken, SamplingParams, Settings
-from edge_runtime.errors import ContextLengthExceededError, EdgeRuntimeError, InvalidModelFileError
+from edge_runtime.backends.base import SamplingParams, Settings
+from edge_runtime.errors import InvalidModelFileError
 
 REPO = Path(__file__).resolve().parent.parent
 KV_LEN = 128
@@ -197,78 +196,6 @@ def test_dynamic_int8_stays_close_to_f32(tflite_int8, f32_model):
             agree += _tokens(q8.generate(text[: end + 1], one)) == _tokens(f32_model.generate(text[: end + 1], one))
         assert agree / (len(text) - 1 - start) >= INT8_MIN_AGREEMENT
         assert q8.tokenizer.n_vocab <= q8.info.n_vocab
-
-
-def test_prefix_reuse_gives_the_same_tokens(f32_model):
-    first = f32_model.tokenize(PROMPT, add_bos=True)
-    answer = _tokens(f32_model.generate(first, GREEDY))
-    follow = first + answer + f32_model.tokenize(" And then?")
-    events = list(f32_model.generate(follow, GREEDY))
-    stats = events[-1].stats
-    assert stats.cached_tokens >= len(first) and stats.evaluated_tokens == len(follow) - stats.cached_tokens
-    f32_model.reset()
-    fresh = list(f32_model.generate(follow, GREEDY))
-    assert fresh[-1].stats.cached_tokens == 0
-    assert _tokens(events) == _tokens(fresh)
-
-
-def test_cancel_stops_between_tokens(f32_model):
-    cancel = CancelToken()
-    events = []
-    for event in f32_model.generate(f32_model.tokenize(PROMPT, add_bos=True), GREEDY, cancel=cancel):
-        events.append(event)
-        if len(events) == 3:
-            cancel.cancel()
-    assert events[-1].finish_reason == "cancelled" and events[-1].stats.gen_tokens == 3
-    assert events[-1].token is None
-
-
-def test_stop_string_ends_the_text_before_it(f32_model):
-    prompt = f32_model.tokenize(PROMPT, add_bos=True)
-    full = "".join(e.text for e in f32_model.generate(prompt, GREEDY))
-    stop = full[len(full) // 2: len(full) // 2 + 3]
-    assert stop.strip()
-    events = list(f32_model.generate(prompt, SamplingParams(max_tokens=24, temperature=0.0, stop=(stop,))))
-    text = "".join(e.text for e in events)
-    assert events[-1].finish_reason == "stop" and stop not in text
-    assert full.startswith(text) and len(text) == full.index(stop)
-
-
-def test_context_limits(f32_model):
-    with pytest.raises(ContextLengthExceededError) as err:
-        f32_model.generate([5] * KV_LEN, GREEDY)  # raised before any streaming
-    assert err.value.n_ctx == KV_LEN
-    with pytest.raises(EdgeRuntimeError):
-        f32_model.generate([], GREEDY)
-    events = list(f32_model.generate([5] * (KV_LEN - 6), SamplingParams(max_tokens=50, temperature=0.0)))
-    if events[-1].finish_reason == "length":  # (a random model may also emit EOS first)
-        assert events[-1].stats.prompt_tokens + events[-1].stats.gen_tokens == KV_LEN
-
-
-def test_one_generation_at_a_time_and_the_server_slot(f32_model):
-    prompt = f32_model.tokenize(PROMPT, add_bos=True)
-    stream = f32_model.generate(prompt, GREEDY)
-    next(stream)
-    with pytest.raises(EdgeRuntimeError):
-        f32_model.generate(prompt, GREEDY)
-    stream.close()
-    results = []
-    with f32_model.acquire_slot(prompt, timeout=5) as slot:
-        thread = threading.Thread(target=lambda: results.append(_slot_busy(f32_model)))
-        thread.start()
-        thread.join()
-        assert _tokens(slot.generate(prompt, GREEDY))
-    assert results == [True]
-
-
-def _slot_busy(model) -> bool:
-    from edge_runtime.errors import SlotsBusyError
-
-    try:
-        with model.acquire_slot(timeout=0.1):
-            return False
-    except SlotsBusyError:
-        return True
 
 
 def test_a_truncated_tflite_is_a_one_line_error(tflite_f32, tmp_path, edgert_cmd):

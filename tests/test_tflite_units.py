@@ -1,5 +1,5 @@
-"""TFLite pieces that need no runtime: the version guard, prefill chunking, sampling, the tokenizer,
-and the converter's checks of a source before any work."""
+"""TFLite pieces that need no runtime: the version guard, prefill chunking, the tokenizer (shared
+with ONNX), and the converter's checks of a source before any work. Sampling: test_sampling.py."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_runtime.backends.base import SamplingParams
-from edge_runtime.backends.sampling import sample_token
 from edge_runtime.backends.tflite.model import plan_chunks
 from edge_runtime.formats.tflite import parse_version, runtime_too_old
 
@@ -71,23 +69,6 @@ def test_prefill_chunks_never_pass_the_cache(n, pos, expected):
         at += real
 
 
-def test_sampling_follows_the_llama_cpp_chain():
-    rng = np.random.default_rng(0)
-    logits = np.array([0.0, 3.0, 2.9, -1.0, 1.0], dtype=np.float32)
-    assert sample_token(logits, SamplingParams(temperature=0), rng) == 1
-    # The penalty divides positive logits of recent tokens: 3.0 / 1.5 < 2.9.
-    assert sample_token(logits, SamplingParams(temperature=0, repeat_penalty=1.5), rng, [1]) == 2
-    top1 = SamplingParams(temperature=1.0, top_k=1)
-    assert {sample_token(logits, top1, rng) for _ in range(20)} == {1}
-    # min_p keeps tokens within a factor of the best: only 1 and 2 survive min_p 0.5.
-    picks = {sample_token(logits, SamplingParams(temperature=5.0, top_k=0, top_p=1.0, min_p=0.5), rng)
-             for _ in range(200)}
-    assert picks == {1, 2}
-    seeded = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=7)
-    draws = [sample_token(logits, seeded, np.random.default_rng(7)) for _ in range(3)]
-    assert len(set(draws)) == 1
-
-
 def test_the_tokenizer_beside_a_model_behaves_as_llama_cpp_tokenize(tiny_tokenizer_dir):
     from edge_runtime.backends.tokenizer import HFTokenizer
 
@@ -98,6 +79,36 @@ def test_the_tokenizer_beside_a_model_behaves_as_llama_cpp_tokenize(tiny_tokeniz
     assert 2 not in tok.encode("<|im_start|>user", special=False)
     assert tok.encode("hi", add_bos=True)[0] == 0 and tok.encode("hi")[0] != 0
     assert tok.chat_template and "<|im_start|>" in tok.chat_template
+
+
+def test_generation_ends_on_end_of_turn_tokens_and_bos_only_where_the_model_adds_it(tiny_tokenizer_dir, tmp_path):
+    from edge_runtime.backends.tokenizer import HFTokenizer
+
+    # No end ids given: EOS (<|end_of_text|>, 1) and the end-of-turn <|im_end|> (3) still end it,
+    # as llama.cpp's vocabulary marks both end of generation.
+    tok = HFTokenizer(tiny_tokenizer_dir)
+    assert tok.end_ids == {1, 3}
+    # A tokenizer that adds no BOS: add_bos asks for BOS where the model adds one (llama.cpp's
+    # add_special), so nothing is prepended; the template comes from chat_template.jinja.
+    shutil.copy(tiny_tokenizer_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    config = json.loads((tiny_tokenizer_dir / "tokenizer_config.json").read_text())
+    template = config.pop("chat_template")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": False}))
+    (tmp_path / "chat_template.jinja").write_text(template)
+    plain = HFTokenizer(tmp_path)
+    assert not plain.add_bos and plain.encode("hi", add_bos=True) == tok.encode("hi")
+    assert plain.chat_template == template
+
+
+def test_a_folder_with_only_a_sentencepiece_model_is_one_clear_error(tmp_path):
+    from edge_runtime.backends.tokenizer import HFTokenizer
+    from edge_runtime.errors import UnsupportedModelError
+
+    (tmp_path / "tokenizer.model").write_bytes(b"\x00")
+    with pytest.raises(UnsupportedModelError) as err:
+        HFTokenizer(tmp_path)
+    assert "tokenizer.json" in err.value.message and "\n" not in err.value.message
+    assert "convert the model again" in (err.value.hint or "")
 
 
 def test_streamed_text_is_whole_characters_and_adds_up(tiny_tokenizer_dir):
@@ -112,6 +123,11 @@ def test_streamed_text_is_whole_characters_and_adds_up(tiny_tokenizer_dir):
     for piece in pieces:
         piece.decode("utf-8")  # every piece is valid UTF-8 on its own
     assert b"".join(pieces).decode("utf-8") == tok.decode(ids) == text
+    # Control tokens stay out of the stream (llama.cpp's token_to_piece leaves them out too).
+    chat = tok.encode("<|im_start|>assistant\nHi there<|im_start|>", special=True)
+    stream = tok.streaming_decoder(prompt)
+    streamed = b"".join([stream.push(t) for t in chat] + [stream.flush()]).decode("utf-8")
+    assert streamed == "assistant\nHi there" and "<|im_start|>" in tok.decode(chat)
 
 
 def test_sources_the_converter_cannot_export_fail_before_any_work(tiny_family_dirs, tiny_gemma3_dir, tmp_path):

@@ -5,10 +5,17 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from edge_runtime.errors import ContextLengthExceededError, EdgeRuntimeError
+# The parameters of a generation are seam data too; they live in their own module with their checks.
+from edge_runtime.backends.params import Grammar as Grammar
+from edge_runtime.backends.params import SamplingParams as SamplingParams
+from edge_runtime.errors import ContextLengthExceededError, InvalidRequestError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,10 @@ class Settings:
     type_v: str = "f16"
     use_mmap: bool = True
     n_parallel: int = 1  # sequences held at once (server slots)
+    # llama.cpp RPC workers ("host:port") that hold the offloaded layers, and each one's share
+    # of them (empty: by free memory); see backends/llamacpp/rpc.py.
+    rpc_servers: tuple[str, ...] = ()
+    tensor_split: tuple[float, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,7 +64,11 @@ class Settings:
     def to_llama_kwargs(self) -> dict[str, Any]:
         """The same settings as llama-cpp-python ``Llama()`` keyword arguments."""
         data = asdict(self)
-        del data["n_parallel"]
+        del data["n_parallel"], data["rpc_servers"]  # Llama() takes no workers: the plan lists them
+        if self.tensor_split:
+            data["tensor_split"] = list(self.tensor_split)
+        else:
+            del data["tensor_split"]
         data["type_k"] = KV_CACHE_TYPES[self.type_k]
         data["type_v"] = KV_CACHE_TYPES[self.type_v]
         return data
@@ -61,7 +76,7 @@ class Settings:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Settings:
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known})
 
 
 @dataclass(frozen=True)
@@ -111,25 +126,6 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
-class SamplingParams:
-    """How to pick tokens. ``temperature <= 0`` means greedy."""
-
-    max_tokens: int = 256
-    temperature: float = 0.7
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    repeat_last_n: int = 64
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0
-
-
-@dataclass(frozen=True)
 class GenerationStats:
     """Counters and timings of one ``generate`` call, attached to its last event."""
 
@@ -173,6 +169,8 @@ class TokenEvent:
     text: str
     finish_reason: str | None = None
     stats: GenerationStats | None = None
+    logprob: float | None = None  # with SamplingParams.logprobs: log-softmax of the raw logits
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
 
 
 class CancelToken:
@@ -189,14 +187,8 @@ class CancelToken:
         return self._event.is_set()
 
 
-class Model(Protocol):
-    """A loaded model. ``generate`` owns the KV cache and reuses the evaluated prefix."""
-
-    info: ModelInfo
-
-    def tokenize(self, text: str, *, special: bool = False, add_bos: bool = False) -> list[int]: ...
-
-    def detokenize(self, tokens: Sequence[int]) -> str: ...
+class Slot(Protocol):
+    """One sequence of a model (its own KV cache), held by one caller through ``Model.acquire_slot``."""
 
     def generate(
         self,
@@ -204,9 +196,65 @@ class Model(Protocol):
         params: SamplingParams,
         *,
         cancel: CancelToken | None = None,
-    ) -> Iterator[TokenEvent]: ...
+    ) -> Iterator[TokenEvent]:
+        """Exactly ``Model.generate``, on this slot's cache."""
+        ...
 
-    def close(self) -> None: ...
+
+class Model(Protocol):
+    """A loaded model: what the session, the server, the bench and the converters call.
+
+    ``generate`` owns the KV cache and reuses the evaluated prefix. A model holds
+    ``Settings.n_parallel`` sequences (slots); ``generate`` takes a free one and, on a model of
+    one slot, refuses a second stream while one runs rather than wait.
+    """
+
+    info: ModelInfo
+
+    def tokenize(self, text: str, *, special: bool = False, add_bos: bool = False) -> list[int]:
+        """Tokens of ``text``: ``special`` parses control tokens written in it, ``add_bos``
+        prepends BOS where the model's tokenizer adds one (llama.cpp's ``add_special``)."""
+        ...
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """Text of ``tokens``, control tokens included, so it tokenizes back to the same ids."""
+        ...
+
+    def generate(
+        self,
+        tokens: Sequence[int],
+        params: SamplingParams,
+        *,
+        cancel: CancelToken | None = None,
+    ) -> Iterator[TokenEvent]:
+        """Stream tokens continuing ``tokens``; a bad prompt raises here, before any streaming."""
+        ...
+
+    def acquire_slot(self, prompt: Sequence[int] | None = None,
+                     timeout: float | None = None) -> AbstractContextManager[Slot]:
+        """A free slot, preferring the one whose cache shares most with ``prompt``; waits up to
+        ``timeout`` seconds (None: forever), then raises ``SlotsBusyError``. Leaving the block
+        stops whatever the slot still generates."""
+        ...
+
+    def reset(self) -> None:
+        """Forget the cache of every idle slot (their next call evaluates the whole prompt)."""
+        ...
+
+    def logit_rows(self, tokens: Sequence[int], first: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Evaluate ``tokens`` from position 0 and yield ``(position, rows)``: float32 logits, one
+        row per position, of every position from ``first`` to the last, in order (for quality
+        scoring). The slots' caches stay as they are, except where scoring runs on the model's
+        only sequence (TFLite), whose cache then holds ``tokens``."""
+        ...
+
+    def close(self) -> None:
+        """Free the runtime's memory; safe to call twice."""
+        ...
+
+    def __enter__(self) -> Model: ...
+
+    def __exit__(self, *exc: object) -> None: ...
 
 
 class Backend(Protocol):
@@ -244,15 +292,22 @@ def default_threads() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
+def check_logit_bias(params: SamplingParams, info: ModelInfo) -> None:
+    """Refuse a ``logit_bias`` naming a token outside the model's vocabulary."""
+    bad = next((t for t in params.logit_bias or () if t >= info.n_vocab), None)
+    if bad is not None:
+        raise InvalidRequestError(f"logit_bias names token {bad}, outside the vocabulary (0..{info.n_vocab - 1})")
+
+
 def check_prompt(tokens: Sequence[int], info: ModelInfo, hint: str | None = None) -> list[int]:
     """The prompt as a list. An empty one, one that does not fit the context (``hint`` says what
     to do about that) or one with a token outside the vocabulary raises, before any work."""
     tokens = list(tokens)
     if not tokens:
-        raise EdgeRuntimeError("the prompt is empty", "give the model at least one token")
+        raise InvalidRequestError("the prompt is empty", "give the model at least one token")
     if len(tokens) >= info.n_ctx:
         raise ContextLengthExceededError(len(tokens), info.n_ctx, hint)
     bad = next((t for t in tokens if not 0 <= t < info.n_vocab), None)
     if bad is not None:
-        raise EdgeRuntimeError(f"token {bad} is outside the vocabulary (0..{info.n_vocab - 1})")
+        raise InvalidRequestError(f"token {bad} is outside the vocabulary (0..{info.n_vocab - 1})")
     return tokens

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import codecs
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from edge_runtime.backends.params import SamplingParams
 
 
 class StreamingText:
@@ -21,6 +25,12 @@ class StreamingText:
         self._stop = tuple(s for s in stop if s)
         self._pending = ""  # decoded but not yet released
         self.stopped = False
+
+    @classmethod
+    def for_params(cls, params: SamplingParams) -> StreamingText:
+        """The text of a generation ``params`` asks for: its stop strings, none under a grammar
+        (the grammar says where the answer ends; a stop string could cut it mid-structure)."""
+        return cls(() if params.constrained else params.stop)
 
     def push(self, piece: bytes) -> str:
         """Add one token's bytes; return the text now safe to show (maybe empty)."""

@@ -1,7 +1,7 @@
 """The bench result as data: what was asked, how it was measured, and every figure.
 
-``BenchResult.to_dict()`` is the document ``edgert bench --json`` writes (ARCHITECTURE.md's "Bench
-result"); ``bench_schema.py`` holds its JSON Schema, ``from_dict`` rebuilds a checked document.
+``BenchResult.to_dict()`` is the document ``edgert bench --json`` writes (ARCHITECTURE.md, "Names
+users see"); ``schema.py`` holds its JSON Schema, ``from_dict`` rebuilds a checked document.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ class BenchRequest:
     prompt_file: str | None = None
     bandwidth_buffer_bytes: int | None = None
     profile: str | None = None
+    workers: tuple[str, ...] = ()  # llama.cpp RPC workers ("host:port") to split each model across
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ class BenchResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BenchResult:
-        """Rebuild a validated document (``bench_schema.load_runs`` checks it first)."""
+        """Rebuild a validated document (``bench.schema.load_runs`` checks it first)."""
         return cls(
             created=str(data.get("created") or ""), edgert_version=str(data.get("edgert_version") or "?"),
             device=data["device"], profile=data.get("profile"),

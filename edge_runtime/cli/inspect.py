@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import click
 
+from edge_runtime.cli.options import CTX, MODEL, MODEL_HELP, THREADS, WORKERS
+from edge_runtime.cli.output import print_json
+
 MIB = 1 << 20
-
-
-def _json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
 
 
 @click.command()
@@ -26,7 +24,7 @@ def device(as_json: bool) -> None:
     info = detect()
     profile = match_profile(info)
     if as_json:
-        _json({**info.to_dict(), "profile": profile.id})
+        print_json({**info.to_dict(), "profile": profile.id})
     else:
         click.echo(format_device(info, profile.id))
 
@@ -40,13 +38,13 @@ def profiles() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def profiles_list(as_json: bool) -> None:
     """Every known profile; * marks this machine's."""
-    from edge_runtime.device.info import detect
+    from edge_runtime.device import detect
     from edge_runtime.planning.profiles import format_profile_table, load_profiles, match_profile
 
     found = load_profiles()
     current = match_profile(detect(probe_backends=False), found).id
     if as_json:
-        _json({"current": current, "profiles": [p.to_dict() for p in found.values()]})
+        print_json({"current": current, "profiles": [p.to_dict() for p in found.values()]})
     else:
         click.echo(format_profile_table(found, current))
 
@@ -60,7 +58,7 @@ def profiles_show(profile_id: str, as_json: bool) -> None:
 
     profile = get_profile(profile_id)
     if as_json:
-        _json(profile.to_dict())
+        print_json(profile.to_dict())
     else:
         click.echo(format_profile(profile))
 
@@ -69,22 +67,23 @@ def profiles_show(profile_id: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def profiles_match(as_json: bool) -> None:
     """Which profile this machine matches, and why the others do not."""
-    from edge_runtime.device.info import detect
+    from edge_runtime.device import detect
     from edge_runtime.planning.profiles import format_match, rank_profiles
 
     ranked = rank_profiles(detect(probe_backends=False))
     if as_json:
-        _json([{"profile": m.profile.id, "matched": m.matched, "reasons": list(m.reasons)} for m in ranked])
+        print_json([{"profile": m.profile.id, "matched": m.matched, "reasons": list(m.reasons)} for m in ranked])
     else:
         click.echo(format_match(ranked))
 
 
 @click.command()
-@click.option("--model", "-m", default=None, help="A .gguf file or a model name (default: smollm2).")
+@click.option("--model", "-m", type=MODEL, default=None, help=MODEL_HELP)
 @click.option("--profile", "profile_id", default=None, help="Plan for this profile instead of the matched one.")
 @click.option("--backend", default=None, help="Force a backend (llama.cpp, onnx, tflite).")
-@click.option("--ctx", type=click.IntRange(min=16), default=None, help="Context size to plan for.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
+@click.option("--ctx", type=CTX, default=None, help="Context size to plan for.")
+@click.option("--threads", type=THREADS, default=None, help="CPU threads, at most the logical CPUs.")
+@WORKERS
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def plan(profile_id: str | None, as_json: bool, **opts: Any) -> None:
     """Which backend, artifact and settings this device would run, and why."""
@@ -92,7 +91,7 @@ def plan(profile_id: str | None, as_json: bool, **opts: Any) -> None:
 
     chosen = plan_from_options(opts, profile_id)
     if as_json:
-        _json(chosen.to_dict())
+        print_json(chosen.to_dict())
         return
     s, m, a = chosen.settings, chosen.memory, chosen.artifact
     settings = f"threads {s.n_threads} · ctx {s.n_ctx}"
@@ -108,6 +107,9 @@ def plan(profile_id: str | None, as_json: bool, **opts: Any) -> None:
                    + (f" · VRAM {m.vram_bytes / MIB:.0f} MiB" if m.vram_bytes else "")),
         ("profile", chosen.profile),
     ]
+    rows += [("workers" if i == 0 else "", f"{w.endpoint} ({w.device}): {w.layers} layers · "
+               f"{w.usable_bytes / MIB:.0f} MiB usable of {w.total_bytes / MIB:.0f} MiB")
+             for i, w in enumerate(chosen.workers)]
     rows += [("why" if i == 0 else "", reason) for i, reason in enumerate(chosen.reasons)]
     rows += [("rejected" if i == 0 else "", f"{r.artifact or r.backend} ({r.backend}): {r.why}")
              for i, r in enumerate(chosen.rejected)] or [("rejected", "—")]
@@ -127,12 +129,16 @@ def models_list(as_json: bool) -> None:
 
     entries = list_models()
     if as_json:
-        _json([e.to_dict() for e in entries])
+        print_json([e.to_dict() for e in entries])
         return
     rows = [("NAME", "QUANT", "ARCH", "PARAMS", "CTX", "SIZE", "SHA256", "PATH")]
     for e in entries:
         if e.error is not None:
             rows.append((e.name, "-", "-", "-", "-", "-", "-", f"damaged: {e.error}"))
+            continue
+        if e.status == "joined on first use":
+            rows.append((e.name, "?", "?", "?", "?", f"{(e.size_bytes or 0) / MIB:.0f} MiB", (e.sha256 or "")[:12],
+                         "installed in parts, joined into the store when first loaded"))
             continue
         if e.path is None:
             rows.append((e.name, "-", "-", "-", "-", "-", "-", "not installed: " + e.description))
@@ -156,7 +162,7 @@ def models_add(src: str, name: str | None, force_copy: bool, as_json: bool) -> N
 
     manifest = add_model(src, name=name, link=not force_copy)
     if as_json:
-        _json({**manifest.to_dict(), "folder": str(manifest.folder)})
+        print_json({**manifest.to_dict(), "folder": str(manifest.folder)})
         return
     size = sum(a.size_bytes for a in manifest.artifacts)
     quants = ", ".join(a.quant or "?" for a in manifest.artifacts)
@@ -174,12 +180,12 @@ def models_show(name: str, as_json: bool) -> None:
 
     if find_embedded(name) is not None:
         entry = next(e for e in list_models(with_sha256=True) if e.name == name)
-        _json(entry.to_dict()) if as_json else click.echo(
+        print_json(entry.to_dict()) if as_json else click.echo(
             "\n".join(f"{k:<12} {v}" for k, v in entry.to_dict().items()))
         return
     manifest = read_manifest(name) if Path(name).is_dir() else open_model(name)
     if as_json:
-        _json({**manifest.to_dict(), "folder": str(manifest.folder)})
+        print_json({**manifest.to_dict(), "folder": str(manifest.folder)})
         return
     click.echo(format_manifest(manifest))
 
@@ -226,7 +232,7 @@ def models_verify(ctx: click.Context, names: tuple[str, ...], as_json: bool) -> 
             results.append({"name": name, "ok": False, "error": exc.message, "files": []})
     failed = any(not r["ok"] for r in results)
     if as_json:
-        _json({"ok": not failed, "models": results})
+        print_json({"ok": not failed, "models": results})
     else:
         if not results:
             click.echo("the store is empty; nothing to verify")
@@ -251,6 +257,6 @@ def models_rm(name: str, as_json: bool) -> None:
 
     folder = remove_model(name)
     if as_json:
-        _json({"removed": name, "folder": str(folder)})
+        print_json({"removed": name, "folder": str(folder)})
     else:
         click.echo(f"removed {name} ({folder})")

@@ -5,6 +5,12 @@ each step it puts every decoding slot's next token and the next chunk of the old
 being prefilled into a single ``llama_decode`` batch, then samples each slot's token with
 llama.cpp's sampler chain. New requests join between steps. Consumers read their slot's events from a queue, so the
 chat loop, the server and the bench all see the same ``Iterator[TokenEvent]``.
+
+Under a grammar, the masks of every constrained slot are computed on this thread right after the
+decode, in one llguidance call, and the chain's first link applies them; the answer ends with
+``stop`` on an end-of-generation token or as soon as the grammar is complete, and with
+``length`` (the text so far) at ``max_tokens`` or the context's end. Unconstrained requests get
+no mask, no matcher and no logits read (unless they ask for logprobs).
 """
 
 from __future__ import annotations
@@ -13,14 +19,16 @@ import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from edge_runtime.backends.base import CancelToken, EvaluatedPrefix, GenerationStats, SamplingParams, TokenEvent
+from edge_runtime.backends.constraints import GrammarState, MaskRows
 from edge_runtime.backends.llamacpp import native
+from edge_runtime.backends.llamacpp.sampler import Sampler
+from edge_runtime.backends.sampling import token_logprobs
 from edge_runtime.backends.text import StreamingText
-from edge_runtime.errors import GenerationError, SlotsBusyError
+from edge_runtime.errors import GenerationError
 
 if TYPE_CHECKING:
     from edge_runtime.backends.llamacpp.model import LlamaCppModel
@@ -32,7 +40,6 @@ class _Sequence:
     def __init__(self, seq_id: int) -> None:
         self.seq_id = seq_id
         self.prefix = EvaluatedPrefix()
-        self.last_used = 0.0
 
 
 @dataclass
@@ -54,28 +61,39 @@ class _Request:
     n_gen: int = 0
     prefill_end: float = 0.0
     first_token_at: float = 0.0
-    sampler: native.Sampler | None = None
+    template: Any = None  # the compiled grammar (llguidance matcher), None when unconstrained
+    grammar: GrammarState | None = None
+    sampler: Sampler | None = None
     text: StreamingText | None = None
 
 
-class Slot:
+class LlamaCppSlot:
     """One sequence of a model, acquired for one conversation turn at a time."""
 
-    def __init__(self, model: LlamaCppModel, seq: _Sequence) -> None:
+    def __init__(self, model: LlamaCppModel, seq_id: int) -> None:
         self._model = model
-        self.seq = seq
+        self.seq = _Sequence(seq_id)
         self._current: _Request | None = None
+
+    @property
+    def prefix(self) -> EvaluatedPrefix:
+        """The tokens this slot's KV cache holds."""
+        return self.seq.prefix
 
     def generate(
         self, tokens: Sequence[int], params: SamplingParams, *, cancel: CancelToken | None = None
     ) -> Iterator[TokenEvent]:
         """Exactly ``Model.generate``, on this slot's sequence."""
         tokens = self._model.check_prompt(tokens)
+        template = self._model.check_params(params)
         if self._current is not None and not self._current.finished.is_set():
             raise GenerationError("this slot is already generating", "wait for the answer in progress")
-        request = _Request(self.seq, tokens, params, cancel or CancelToken())
+        scheduler = self._model.scheduler
+        if scheduler is None:
+            raise GenerationError("the model is closed")
+        request = _Request(self.seq, tokens, params, cancel or CancelToken(), template=template)
         self._current = request
-        self._model.scheduler.submit(request)
+        scheduler.submit(request)
         return _stream(request)
 
     def wait_idle(self) -> None:
@@ -102,43 +120,6 @@ def _stream(request: _Request) -> Iterator[TokenEvent]:
             request.cancel.cancel()
 
 
-class SlotPool:
-    """Hands out free slots, preferring the one whose cache shares the most with the prompt."""
-
-    def __init__(self, model: LlamaCppModel, n_slots: int) -> None:
-        self._slots = [Slot(model, _Sequence(i)) for i in range(n_slots)]
-        self._free = list(self._slots)
-        self._cond = threading.Condition()
-
-    def __len__(self) -> int:
-        return len(self._slots)
-
-    @property
-    def n_free(self) -> int:
-        return len(self._free)
-
-    @contextmanager
-    def acquire(self, prompt: Sequence[int] | None = None, timeout: float | None = None) -> Iterator[Slot]:
-        """Wait up to ``timeout`` seconds (None: forever) for a free slot."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._free, timeout=timeout):
-                raise SlotsBusyError(f"all {len(self._slots)} slots are busy")
-            slot = max(self._free, key=lambda s: (s.seq.prefix.common_length(prompt or ()), -s.seq.last_used))
-            self._free.remove(slot)
-        try:
-            yield slot
-        finally:
-            slot.wait_idle()
-            slot.seq.last_used = time.monotonic()
-            with self._cond:
-                self._free.append(slot)
-                self._cond.notify()
-
-    def idle_slots(self) -> list[Slot]:
-        with self._cond:
-            return list(self._free)
-
-
 class BatchScheduler:
     """The one thread that calls ``llama_decode`` for a model."""
 
@@ -146,6 +127,7 @@ class BatchScheduler:
         self._model = model
         self._ctx = model.context
         self._vocab = model.native_model.vocab
+        self._masks: MaskRows | None = None  # made for the first constrained request
         self._pending: list[_Request] = []
         self._active: list[_Request] = []
         self._cond = threading.Condition()
@@ -192,10 +174,15 @@ class BatchScheduler:
         request.kept = reuse_prefix(self._ctx, request.seq, request.tokens, self._model.n_swa)
         request.todo = request.tokens[request.kept :]
         request.pos = request.kept
-        request.sampler = native.Sampler(request.params, self._model.info.n_vocab)
-        request.text = StreamingText(request.params.stop)
+        info = self._model.info
+        if request.template is not None:
+            if self._masks is None:
+                self._masks = MaskRows(self._model.settings.n_parallel, info.n_vocab)
+            request.grammar = self._masks.start(request.template, request.seq.seq_id)
+        request.sampler = Sampler(request.params, info.n_vocab, info.n_ctx, request.grammar)
+        request.text = StreamingText.for_params(request.params)
         if request.sampler.uses_history:
-            request.sampler.accept(request.tokens[-request.params.repeat_last_n :])
+            request.sampler.accept_prompt(request.tokens)
         self._active.append(request)
 
     def _step(self) -> None:
@@ -235,29 +222,46 @@ class BatchScheduler:
             if request.next_token is None:
                 del request.todo[: len(tokens)]
             self._model.evaluated_total += len(tokens)
-        for request, _ in fed:
-            if request.out_index >= 0 and not request.finished.is_set():
-                self._sample(request)
+        sampling = [r for r, _ in fed if r.out_index >= 0 and not r.finished.is_set()]
+        grammars = [r.grammar for r in sampling if r.grammar is not None]
+        if grammars:
+            assert self._masks is not None
+            self._masks.fill(grammars)
+        for request in sampling:
+            self._sample(request)
 
     def _sample(self, request: _Request) -> None:
         assert request.sampler is not None and request.text is not None
         if request.n_gen == 0:
             request.prefill_end = time.perf_counter()
-        token = self._ctx.sample(request.sampler, request.out_index)
+        token = request.sampler.sample(self._ctx, request.out_index)
+        logprob, top = None, ()
+        if request.params.logprobs is not None:  # the only case that reads logits into Python
+            row = self._ctx.logits_row(request.out_index, self._model.info.n_vocab)
+            logprob, top = token_logprobs(row, token, request.params.logprobs)
         request.out_index = -1
         if native.is_end_of_generation(self._vocab, token):
             self._finish(request, "stop")
             return
+        if request.grammar is not None:
+            try:
+                request.grammar.consume(token)
+            except GenerationError as exc:
+                self._fail(request, exc)
+                return
         request.n_gen += 1
         if request.n_gen == 1:
             request.first_token_at = time.perf_counter()
         piece = request.text.push(self._model.native_model.token_to_piece(token, self._model.piece_buffer))
         if request.text.stopped:
             if piece:
-                request.events.put(TokenEvent(token, piece))
+                request.events.put(TokenEvent(token, piece, logprob=logprob, top_logprobs=top))
             self._finish(request, "stop")
             return
-        request.events.put(TokenEvent(token, piece))
+        request.events.put(TokenEvent(token, piece, logprob=logprob, top_logprobs=top))
+        if request.grammar is not None and request.grammar.stopped:
+            self._finish(request, "stop")  # complete: only an end token could follow
+            return
         if request.n_gen >= request.params.max_tokens or request.pos + 1 >= self._model.info.n_ctx:
             self._finish(request, "length")
             return
@@ -292,6 +296,8 @@ class BatchScheduler:
         if request.sampler is not None:
             request.sampler.close()
             request.sampler = None
+        # The matcher may point into the model's vocabulary: nothing keeps it past its request.
+        request.grammar = request.template = None
         if request in self._active:
             self._active.remove(request)
 

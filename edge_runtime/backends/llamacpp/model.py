@@ -3,14 +3,19 @@
 The decode loop is ours (``batch``): one ``llama_decode`` per step for every active
 sequence, llama.cpp's sampler chain picks the tokens, so no logits array crosses into Python.
 Each sequence remembers the tokens in its KV cache and the next call evaluates only what
-differs (prefix reuse).
+differs (prefix reuse). Quality scoring (``logit_rows``) runs in a second context, made on first
+use, that returns every position's logits.
 """
 
 from __future__ import annotations
 
 import ctypes
+import threading
+import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from edge_runtime.backends.base import (
     CancelToken,
@@ -18,12 +23,18 @@ from edge_runtime.backends.base import (
     SamplingParams,
     Settings,
     TokenEvent,
+    check_logit_bias,
     check_prompt,
     default_threads,
 )
+from edge_runtime.backends.constraints import GrammarCompiler
 from edge_runtime.backends.llamacpp import native
-from edge_runtime.backends.llamacpp.batch import BatchScheduler, SlotPool
+from edge_runtime.backends.llamacpp.batch import BatchScheduler, LlamaCppSlot
+from edge_runtime.backends.slots import SlotPool
 from edge_runtime.errors import GenerationError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class LlamaCppModel:
@@ -64,8 +75,11 @@ class LlamaCppModel:
         self.n_swa = native.model_n_swa(self.native_model)
         self.piece_buffer = ctypes.create_string_buffer(256)  # scheduler thread only
         self.evaluated_total = 0  # prompt + generated tokens evaluated since load
-        self.slots = SlotPool(self, self.settings.n_parallel)
+        self.slots = SlotPool([LlamaCppSlot(self, i) for i in range(self.settings.n_parallel)])
+        self.grammars = GrammarCompiler(self._grammar_tokenizer, self.info.n_vocab)
         self.scheduler: BatchScheduler | None = BatchScheduler(self)
+        self._scoring: native.ScoringContext | None = None
+        self._scoring_lock = threading.Lock()
 
     # -- text ------------------------------------------------------------------------------
 
@@ -76,11 +90,28 @@ class LlamaCppModel:
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self.native_model.detokenize(tokens)
 
+    def _grammar_tokenizer(self) -> Any:
+        """llguidance's view of this vocabulary, every end-of-generation id as its EOS (it keeps a
+        pointer to the vocabulary: ``close`` drops it before the model)."""
+        from llguidance.llamacpp import lltokenizer_from_vocab
+
+        vocab = self.native_model.vocab
+        ends = [t for t in range(self.info.n_vocab) if native.is_end_of_generation(vocab, t)]
+        with warnings.catch_warnings():  # llguidance reads each token's attributes through a deprecated alias
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return lltokenizer_from_vocab(vocab, eos_token=ends)
+
     # -- generation ------------------------------------------------------------------------
 
     def check_prompt(self, tokens: Sequence[int]) -> list[int]:
         """The prompt as a list; see ``base.check_prompt`` for what raises."""
         return check_prompt(tokens, self.info)
+
+    def check_params(self, params: SamplingParams) -> Any:
+        """The compiled grammar of ``params`` (None when unconstrained); a ``logit_bias`` token
+        outside the vocabulary or a grammar llguidance refuses raises here, before any work."""
+        check_logit_bias(params, self.info)
+        return self.grammars.compile(params)
 
     def generate(
         self,
@@ -91,37 +122,59 @@ class LlamaCppModel:
     ) -> Iterator[TokenEvent]:
         """Stream tokens continuing ``tokens``, reusing whatever prefix the cache already holds.
 
-        A prompt that is empty or does not fit the context raises here, before any streaming.
-        With several slots, this takes the free slot whose cache fits the prompt best.
+        A prompt that is empty or does not fit the context, or parameters ``check_params``
+        refuses, raise here, before any streaming. With several slots, this takes the free slot
+        whose cache fits the prompt best.
         """
         tokens = self.check_prompt(tokens)
-        if len(self.slots) == 1 and self.slots.n_free == 0:
-            raise GenerationError("this model is already generating", "wait for the answer in progress")
-        return self._generate_in_slot(tokens, params, cancel)
+        self.check_params(params)
+        return self.slots.generate(tokens, params, cancel)
 
-    def _generate_in_slot(
-        self, tokens: list[int], params: SamplingParams, cancel: CancelToken | None
-    ) -> Iterator[TokenEvent]:
-        with self.slots.acquire(tokens) as slot:
-            yield from slot.generate(tokens, params, cancel=cancel)
-
-    def acquire_slot(self, prompt: Sequence[int] | None = None, timeout: float | None = None):
-        """A context manager handing out a free ``Slot`` (waits up to ``timeout`` seconds)."""
+    def acquire_slot(self, prompt: Sequence[int] | None = None,
+                     timeout: float | None = None) -> AbstractContextManager[LlamaCppSlot]:
+        """A free slot, preferring the one whose cache shares most with ``prompt`` (waits up to
+        ``timeout`` seconds)."""
         return self.slots.acquire(prompt, timeout)
+
+    def logit_rows(self, tokens: Sequence[int], first: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Evaluate ``tokens`` from position 0 and yield (position, logit rows) from ``first`` on.
+
+        For quality measurement, in a scoring context of its own (made on first use, freed by
+        ``close``): the slots' caches are left as they are.
+        """
+        return self._score(self.check_prompt(tokens), first)
+
+    def _score(self, tokens: list[int], first: int) -> Iterator[tuple[int, np.ndarray]]:
+        if not self._scoring_lock.acquire(blocking=False):  # one context: one pass at a time
+            raise GenerationError("this model is already scoring", "finish the other pass first")
+        try:
+            if self.scheduler is None:
+                raise GenerationError("the model is closed")
+            if self._scoring is None:
+                self._scoring = native.ScoringContext(self.native_model, self.info.n_ctx, self.n_threads,
+                                                      self.settings.n_threads_batch or self.n_threads)
+            yield from self._scoring.logit_rows(tokens, first)
+        finally:
+            self._scoring_lock.release()
 
     def reset(self) -> None:
         """Forget the cache of every idle slot (their next call evaluates the whole prompt)."""
-        assert self.scheduler is not None, "the model is closed"
-        with self.scheduler.context_lock:
-            for slot in self.slots.idle_slots():
+        if self.scheduler is None:
+            return
+        with self.scheduler.context_lock, self.slots.idle() as idle:
+            for slot in idle:
                 self.context.seq_clear(slot.seq.seq_id)
-                slot.seq.prefix.tokens.clear()
+                slot.prefix.tokens.clear()
 
     def close(self) -> None:
-        """Stop the scheduler, free the context and the model; safe to call twice."""
+        """Stop the scheduler, free the contexts and the model; safe to call twice."""
+        self.slots.close()
         if self.scheduler is not None:
             self.scheduler.stop()
             self.scheduler = None
+        if self._scoring is not None:
+            self._scoring.close()
+        self.grammars.close()  # before the vocabulary its tokenizer points into
         self.context.close()
         self.native_model.close()
 

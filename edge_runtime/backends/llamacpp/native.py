@@ -1,4 +1,4 @@
-"""The private layer over llama-cpp-python's C API: handles, batches, samplers, the log.
+"""The private layer over llama-cpp-python's C API: handles, batches, the log (samplers: ``sampler``).
 
 Everything here speaks ctypes; the rest of the backend speaks Python. Pointers are owned by
 small classes with an idempotent ``close()``; return codes become typed errors.
@@ -10,11 +10,12 @@ import ctypes
 import logging
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import llama_cpp as _c
+import numpy as np
 
-from edge_runtime.backends.base import KV_CACHE_TYPES, SamplingParams, Settings
+from edge_runtime.backends.base import KV_CACHE_TYPES, Settings
 from edge_runtime.errors import GenerationError, ModelLoadError
 
 log = logging.getLogger("edge_runtime.llama_cpp")
@@ -67,6 +68,11 @@ def supports_gpu_offload() -> bool:
     return bool(_c.llama_supports_gpu_offload())
 
 
+def system_info() -> str:
+    """The CPU features (and GPU backends) this llama.cpp build uses here: its kernels follow them."""
+    return _c.llama_print_system_info().decode("utf-8", errors="replace").strip().rstrip("|").strip()
+
+
 class NativeModel:
     """Owns a ``llama_model`` pointer."""
 
@@ -77,8 +83,14 @@ class NativeModel:
         # 0.3.x replaced the use_mmap field with load_mode; ctypes would accept a stray
         # attribute silently, so set the field llama.cpp actually reads.
         params.load_mode = _c.LLAMA_LOAD_MODE_MMAP if settings.use_mmap else _c.LLAMA_LOAD_MODE_NONE
+        placement: tuple[object, ...] = ()  # arrays the params point into, alive until loaded
+        if settings.rpc_servers:  # only in the process that hosts a split model (rpc.py says why)
+            from edge_runtime.backends.llamacpp import rpc
+
+            placement = rpc.place_on_workers(params, settings.rpc_servers, settings.tensor_split)
         take_recent_errors()
         ptr = _c.llama_model_load_from_file(path.encode(), params)
+        del placement
         if not ptr:
             why = take_recent_errors() or "llama.cpp could not load it"
             raise ModelLoadError(f"{path}: {why}", "check that the file is a complete GGUF model")
@@ -204,11 +216,9 @@ class NativeContext:
     def seq_pos_min(self, seq_id: int) -> int:
         return int(_c.llama_memory_seq_pos_min(self.memory, seq_id))
 
-    def sample(self, sampler: Sampler, index: int) -> int:
-        return int(_c.llama_sampler_sample(sampler.ptr, self.ptr, index))
-
-    def set_threads(self, n_threads: int, n_threads_batch: int) -> None:
-        _c.llama_set_n_threads(self.ptr, n_threads, n_threads_batch)
+    def logits_row(self, index: int, n_vocab: int) -> np.ndarray:
+        """The raw logits of batch row ``index`` of the last decode: a view the next decode overwrites."""
+        return np.ctypeslib.as_array(_c.llama_get_logits_ith(self.ptr, index), shape=(n_vocab,))
 
     def close(self) -> None:
         if self.ptr:
@@ -217,38 +227,76 @@ class NativeContext:
             self.ptr = None
 
 
-class Sampler:
-    """llama.cpp's own sampler chain for one generation (no logits cross into Python)."""
+# Most floats one scoring batch may return (its logits are copied once): 128 MiB of float32.
+_MAX_SCORED_FLOATS = 32 << 20
 
-    def __init__(self, params: SamplingParams, n_vocab: int) -> None:
-        chain = _c.llama_sampler_chain_init(_c.llama_sampler_chain_default_params())
-        add = _c.llama_sampler_chain_add
-        if params.repeat_penalty != 1.0:
-            add(chain, _c.llama_sampler_init_penalties(
-                n_vocab, params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))
-        if params.greedy:
-            add(chain, _c.llama_sampler_init_greedy())
-        else:
-            if params.top_k > 0:
-                add(chain, _c.llama_sampler_init_top_k(params.top_k))
-            if params.top_p < 1.0:
-                add(chain, _c.llama_sampler_init_top_p(params.top_p, 1))
-            if params.min_p > 0.0:
-                add(chain, _c.llama_sampler_init_min_p(params.min_p, 1))
-            add(chain, _c.llama_sampler_init_temp(params.temperature))
-            seed = _c.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
-            add(chain, _c.llama_sampler_init_dist(seed))
-        self.ptr = chain
-        self.uses_history = params.repeat_penalty != 1.0
 
-    def accept(self, tokens: Sequence[int]) -> None:
-        for t in tokens:
-            _c.llama_sampler_accept(self.ptr, t)
+class ScoringContext:
+    """A second context on a model that returns the logits of every position, for quality scoring.
+
+    A generation context keeps one output row per sequence; this one keeps a whole batch's
+    (``n_outputs_max_per_seq = 0``) and decodes as ``llama-perplexity`` does: batches of up to 512
+    tokens from position 0, flash attention as llama.cpp's ``auto`` decides it.
+    """
+
+    def __init__(self, model: NativeModel, n_ctx: int, n_threads: int, n_threads_batch: int) -> None:
+        self.n_vocab = vocab_size(model.vocab)
+        self.n_batch = min(n_ctx, 512, max(32, _MAX_SCORED_FLOATS // max(1, self.n_vocab)))
+        params = _c.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = params.n_ubatch = params.n_outputs_max = self.n_batch
+        params.n_outputs_max_per_seq = 0  # = n_outputs_max: every scored position in a batch
+        params.n_seq_max = 1
+        params.n_threads, params.n_threads_batch = n_threads, n_threads_batch
+        params.flash_attn_type = _c.LLAMA_FLASH_ATTN_TYPE_AUTO
+        params.no_perf = True
+        take_recent_errors()
+        ptr = _c.llama_init_from_model(model.ptr, params)
+        if not ptr:
+            why = take_recent_errors() or "llama.cpp could not create a context"
+            raise ModelLoadError(f"could not create a scoring context of {n_ctx} tokens: {why}",
+                                 "try a smaller --ctx")
+        self.ptr = ptr
+        self.memory = _c.llama_get_memory(ptr)
+        self.batch = _c.llama_batch_init(self.n_batch, 0, 1)
+
+    def logit_rows(self, tokens: Sequence[int], first: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Decode ``tokens`` from position 0; per batch, the first scored position and a float32
+        copy of the rows of positions ``first..`` in it."""
+        _c.llama_memory_clear(self.memory, True)
+        batch = self.batch
+        for start in range(0, len(tokens), self.n_batch):
+            end = min(start + self.n_batch, len(tokens))
+            for i, p in enumerate(range(start, end)):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = tokens[p], p, 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = p >= first
+            batch.n_tokens = end - start
+            rc = _c.llama_decode(self.ptr, batch)
+            if rc != 0:
+                raise GenerationError(f"llama.cpp could not evaluate {end - start} tokens (code {rc})")
+            scored_from = max(start, first)
+            if scored_from < end:
+                rows = np.ctypeslib.as_array(_c.llama_get_logits(self.ptr), shape=(end - scored_from, self.n_vocab))
+                yield scored_from, rows.copy()  # the next decode overwrites it
 
     def close(self) -> None:
         if self.ptr:
-            _c.llama_sampler_free(self.ptr)
+            _c.llama_batch_free(self.batch)
+            _c.llama_free(self.ptr)
             self.ptr = None
+
+
+def quantize(src: str, dst: str, *, ftype: int, nthread: int, allow_requantize: bool) -> tuple[int, str]:
+    """``llama_model_quantize`` (one blocking call); its status and the error lines it logged."""
+    ensure_initialized()
+    take_recent_errors()
+    params = _c.llama_model_quantize_default_params()
+    params.nthread = nthread
+    params.ftype = ftype
+    params.allow_requantize = allow_requantize
+    rc = _c.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+    return int(rc), take_recent_errors()
 
 
 def is_end_of_generation(vocab: object, token: int) -> bool:

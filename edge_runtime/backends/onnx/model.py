@@ -5,16 +5,21 @@ tokens evaluated into it. A call rewinds the cache to the prefix its prompt shar
 tokens and evaluates only the rest, in chunks, then picks tokens from the logits one by one.
 Generation runs on the consumer's thread; slots let a server run several conversations at once
 (each on its own generator, sharing the model's weights).
+
+Text goes through the folder's ``tokenizer.json`` (``HFTokenizer``), never genai's tokenizer: the
+latter always parses control tokens written in user text and cannot say whether the model adds
+BOS. Our converter always writes ``tokenizer.json``; a folder with only ``tokenizer.model`` gets a
+one-line error saying to convert it again.
 """
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
+
+import numpy as np
 
 from edge_runtime.backends.base import (
     CancelToken,
@@ -24,100 +29,18 @@ from edge_runtime.backends.base import (
     SamplingParams,
     Settings,
     TokenEvent,
+    check_logit_bias,
     check_prompt,
     default_threads,
 )
+from edge_runtime.backends.constraints import GrammarState, tokenizer_json_compiler
 from edge_runtime.backends.onnx import native
+from edge_runtime.backends.sampling import Sampler
+from edge_runtime.backends.slots import SlotPool, StreamGuard
 from edge_runtime.backends.text import StreamingText
-from edge_runtime.errors import GenerationError, ModelLoadError, SlotsBusyError
+from edge_runtime.backends.tokenizer import HFTokenizer
+from edge_runtime.errors import GenerationError, ModelLoadError
 from edge_runtime.formats.onnx import OnnxFolder, read_onnx_folder
-
-# End-of-turn tokens chat models emit besides their EOS (llama.cpp stops on these too).
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>", "</s>")
-
-
-class OnnxTokenizer:
-    """Text ↔ tokens: Hugging Face ``tokenizers`` when installed (exact, and it can leave control
-    tokens in user text unparsed), else genai's own tokenizer (which always parses them)."""
-
-    def __init__(self, folder: OnnxFolder, og_model: Any) -> None:
-        self._og = native.load_tokenizer(og_model)
-        self._hf = self._plain = None
-        path = folder.path / "tokenizer.json"
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            Tokenizer = None
-        if Tokenizer is not None and path.is_file():
-            self._hf = Tokenizer.from_file(str(path))
-            self._plain = Tokenizer.from_file(str(path))
-            self._plain.encode_special_tokens = True  # control-token text stays text
-
-    def encode(self, text: str, *, special: bool) -> list[int]:
-        if self._hf is None:
-            return [int(t) for t in self._og.encode(text)]
-        tok = self._hf if special else self._plain
-        return tok.encode(text, add_special_tokens=False).ids
-
-    def adds_bos(self, bos_id: int | None, config: dict[str, Any]) -> bool:
-        """Whether the model's tokenizer puts BOS first (measured where possible)."""
-        if bos_id is None:
-            return False
-        if self._hf is not None:
-            ids = self._hf.encode("a", add_special_tokens=True).ids
-            return bool(ids) and ids[0] == bos_id
-        return bool(config.get("add_bos_token", False))
-
-    def decode(self, tokens: Sequence[int], *, special: bool = True) -> str:
-        """Text of ``tokens``; ``special`` keeps control tokens (so it tokenizes back the same)."""
-        if not tokens:
-            return ""
-        if self._hf is not None:
-            return self._hf.decode(list(tokens), skip_special_tokens=not special)
-        import numpy as np
-
-        return self._og.decode(np.asarray(list(tokens), dtype=np.int32))
-
-    def stream(self) -> IncrementalText:
-        """A decoder that turns one token at a time into text (control tokens left out)."""
-        return IncrementalText(lambda tokens: self.decode(tokens, special=False))
-
-    def token_id(self, text: str) -> int | None:
-        if self._hf is not None:
-            return self._hf.token_to_id(text)
-        return None
-
-
-class IncrementalText:
-    """Text of a growing token list, released piece by piece, as whole characters.
-
-    Each step decodes a short window (from the last point where the text was settled) with and
-    without the new token and releases the difference, unless it ends in an incomplete
-    character. Decoding windows rather than single tokens keeps whatever the tokenizer's decoder
-    does across token boundaries (byte fallback, SentencePiece spaces) exactly as a full decode.
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str]) -> None:
-        self._decode = decode
-        self._tokens: list[int] = []
-        self._start = 0  # window start: the text before it is settled
-        self._read = 0  # tokens up to here are released
-
-    def push(self, token: int) -> str:
-        self._tokens.append(token)
-        before = self._decode(self._tokens[self._start:self._read])
-        after = self._decode(self._tokens[self._start:])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self._start, self._read = self._read, len(self._tokens)
-            return after[len(before):]
-        return ""
-
-    def flush(self) -> str:
-        """What is still held back (an incomplete character becomes U+FFFD)."""
-        before = self._decode(self._tokens[self._start:self._read])
-        after = self._decode(self._tokens[self._start:])
-        self._start = self._read = len(self._tokens)
-        return after[len(before):]
 
 
 class OnnxSlot:
@@ -126,14 +49,20 @@ class OnnxSlot:
     def __init__(self, model: OnnxModel) -> None:
         self._model = model
         self.prefix = EvaluatedPrefix()
-        self.last_used = 0.0
         self._seq: native.GenaiSequence | None = None
+        self._guard = StreamGuard()
 
     def generate(self, tokens: Sequence[int], params: SamplingParams, *,
                  cancel: CancelToken | None = None) -> Iterator[TokenEvent]:
         """Exactly ``Model.generate``, on this slot's cache."""
         tokens = self._model.check_prompt(tokens)
-        return self._stream(tokens, params, cancel or CancelToken())
+        template = self._model.check_params(params)
+        cancel = cancel or CancelToken()
+        return self._guard.start(self._stream(tokens, params, template, cancel), cancel)
+
+    def wait_idle(self) -> None:
+        """Stop what the slot still generates (nobody is reading it) and wait until it has."""
+        self._guard.wait_idle()
 
     def clear(self) -> None:
         """Forget what the cache holds (the next call rewinds to zero and evaluates it all)."""
@@ -149,20 +78,20 @@ class OnnxSlot:
         kept = min(self.prefix.common_length(tokens), len(tokens) - 1)
         if self._seq is None:
             # A generator allocates its whole KV cache up front: made once, then rewound.
-            self._seq = native.GenaiSequence(self._model.og_model,
-                                             self._model.folder.cache_positions(self._model.info.n_ctx))
+            self._seq = self._model.new_sequence()
             kept = 0
         else:
             self._seq.rewind_to(kept)
         del self.prefix.tokens[kept:]
         return self._seq, kept
 
-    def _stream(self, tokens: list[int], params: SamplingParams, cancel: CancelToken) -> Iterator[TokenEvent]:
+    def _stream(self, tokens: list[int], params: SamplingParams, template: Any,
+                cancel: CancelToken) -> Iterator[TokenEvent]:
         started = time.perf_counter()
         model = self._model
-        text = StreamingText(params.stop)
-        picker = native.TokenPicker(params)
-        decoder = model.tokenizer.stream()
+        text = StreamingText.for_params(params)
+        sampler = Sampler(params, GrammarState(template, model.info.n_vocab) if template is not None else None)
+        pieces = model.tokenizer.streaming_decoder(tokens)
         history = list(tokens)
         n_gen, evaluated, prefill_end, first_at, reason = 0, 0, 0.0, 0.0, "length"
         try:
@@ -180,20 +109,25 @@ class OnnxSlot:
                 logits = seq.last_logits()
                 if n_gen == 0:
                     prefill_end = time.perf_counter()
-                token = picker.pick(logits, history)
-                if token in model.stop_ids:
+                token = sampler.pick(logits, history)
+                logprob, top = sampler.logprobs(logits, token)
+                if model.tokenizer.is_end(token):
                     reason = "stop"
                     break
+                complete = sampler.advance(token)
                 n_gen += 1
                 if n_gen == 1:
                     first_at = time.perf_counter()
-                piece = text.push(decoder.push(token).encode("utf-8"))
+                piece = text.push(pieces.push(token))
                 if text.stopped:
                     reason = "stop"
                     if piece:
-                        yield TokenEvent(token, piece)
+                        yield TokenEvent(token, piece, logprob=logprob, top_logprobs=top)
                     break
-                yield TokenEvent(token, piece)
+                yield TokenEvent(token, piece, logprob=logprob, top_logprobs=top)
+                if complete:  # the grammar allows nothing but an end token now
+                    reason = "stop"
+                    break
                 if n_gen >= params.max_tokens or len(self.prefix.tokens) + 1 >= model.info.n_ctx:
                     break
                 seq.append([token])
@@ -210,9 +144,8 @@ class OnnxSlot:
             ttft_s=(first_at or end) - started, prefill_s=(prefill_end or end) - started,
             decode_s=end - first_at if n_gen else 0.0,
         )
-        if not text.stopped:
-            text.push(decoder.flush().encode("utf-8"))
-        yield TokenEvent(None, text.flush(), reason, stats)
+        tail = "" if text.stopped else text.push(pieces.flush()) + text.flush()
+        yield TokenEvent(None, tail, reason, stats)
 
 
 class OnnxModel:
@@ -221,6 +154,8 @@ class OnnxModel:
     def __init__(self, path: str, settings: Settings) -> None:
         self.folder = read_onnx_folder(path)  # our checks first: bad folders never reach onnxruntime
         self.path = str(self.folder.path)
+        # Before the model: a folder without tokenizer.json fails at once, with what to do.
+        self.tokenizer = HFTokenizer(self.folder.path, bos_id=self.folder.bos_id, eos_ids=self.folder.eos_ids)
         n_ctx = min(settings.n_ctx, self.folder.max_length) if settings.n_ctx > 0 else self.folder.max_length
         self.settings = Settings.from_dict({**settings.to_dict(), "n_ctx": n_ctx})
         self.n_threads = settings.n_threads or default_threads()
@@ -233,53 +168,41 @@ class OnnxModel:
                 raise ModelLoadError(exc.message, f"it was built for the {wanted} execution provider, which "
                                      "onnxruntime does not offer here: convert it for cpu") from None
             raise
-        self.tokenizer = OnnxTokenizer(self.folder, self.og_model)
         self.info = self._model_info(n_ctx)
-        self.stop_ids = frozenset(self._stop_ids())
-        self._slots = [OnnxSlot(self) for _ in range(max(1, settings.n_parallel))]
-        self._free = list(self._slots)
-        self._cond = threading.Condition()
-        self._closed = False
+        self.slots = SlotPool([OnnxSlot(self) for _ in range(max(1, settings.n_parallel))])
+        self.grammars = tokenizer_json_compiler(self.tokenizer.path, self.info.n_vocab, self.tokenizer.end_ids)
 
     def _model_info(self, n_ctx: int) -> ModelInfo:
-        folder, tok_config = self.folder, self.folder.tokenizer_config
-        bos, eos = folder.bos_id, folder.eos_ids[0] if folder.eos_ids else None
+        folder, tok = self.folder, self.tokenizer
         name = folder.path.name
         if folder.precision and name.endswith(f"-{folder.precision}-onnx"):
             name = name[: -len(f"-{folder.precision}-onnx")]
         return ModelInfo(
             name=name, arch=folder.arch, quant=folder.precision, n_ctx_train=folder.max_length, n_ctx=n_ctx,
             n_vocab=folder.n_vocab, n_params=folder.n_params or 0, size_bytes=folder.size_bytes,
-            chat_template=chat_template(folder.path, tok_config),
-            bos_token=_token_text(tok_config.get("bos_token")) or self._id_text(bos),
-            eos_token=_token_text(tok_config.get("eos_token")) or self._id_text(eos),
-            add_bos=self.tokenizer.adds_bos(bos, tok_config),
+            chat_template=tok.chat_template, bos_token=tok.bos_token, eos_token=tok.eos_token, add_bos=tok.add_bos,
         )
 
-    def _id_text(self, token: int | None) -> str | None:
-        return self.tokenizer.decode([token], special=True) if token is not None else None
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """The ids that end a generation (the tokenizer's end ids)."""
+        return self.tokenizer.end_ids
 
-    def _stop_ids(self) -> set[int]:
-        ids = set(self.folder.eos_ids)
-        for text in END_OF_TURN:
-            found = self.tokenizer.token_id(text)
-            if found is not None:
-                ids.add(found)
-        return ids
+    def new_sequence(self) -> native.GenaiSequence:
+        """A genai generator with a KV cache of ``n_ctx`` positions (a window's worth at least)."""
+        if self.og_model is None:
+            raise GenerationError("the model is closed")
+        return native.GenaiSequence(self.og_model, self.folder.cache_positions(self.info.n_ctx))
 
     # -- text ------------------------------------------------------------------------------
 
     def tokenize(self, text: str, *, special: bool = False, add_bos: bool = False) -> list[int]:
         """Tokens of ``text``; ``special`` parses control tokens such as ``<|im_start|>``."""
-        tokens = self.tokenizer.encode(text, special=special)
-        bos = self.folder.bos_id
-        if add_bos and self.info.add_bos and bos is not None and tokens[:1] != [bos]:
-            tokens.insert(0, bos)
-        return tokens
+        return self.tokenizer.encode(text, special=special, add_bos=add_bos)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         """Text of ``tokens``, control tokens included, so it tokenizes back to the same ids."""
-        return self.tokenizer.decode(tokens, special=True)
+        return self.tokenizer.decode(tokens)
 
     # -- generation ------------------------------------------------------------------------
 
@@ -287,32 +210,36 @@ class OnnxModel:
         """The prompt as a list; see ``base.check_prompt`` for what raises."""
         return check_prompt(tokens, self.info)
 
+    def check_params(self, params: SamplingParams) -> Any:
+        """The compiled grammar of ``params`` (None when unconstrained); a ``logit_bias`` token
+        outside the vocabulary or a grammar llguidance refuses raises here, before any work."""
+        check_logit_bias(params, self.info)
+        return self.grammars.compile(params)
+
     def generate(self, tokens: Sequence[int], params: SamplingParams, *,
                  cancel: CancelToken | None = None) -> Iterator[TokenEvent]:
         """Stream tokens continuing ``tokens``, reusing whatever prefix the cache already holds.
 
-        A prompt that is empty or does not fit the context raises here, before any streaming.
+        A prompt that is empty or does not fit the context, or parameters ``check_params``
+        refuses, raise here, before any streaming.
         """
         tokens = self.check_prompt(tokens)
-        if self._closed:
-            raise GenerationError("the model is closed")
-        if len(self._slots) == 1 and not self._free:
-            raise GenerationError("this model is already generating", "wait for the answer in progress")
-        return self._generate_in_slot(tokens, params, cancel)
+        self.check_params(params)
+        return self.slots.generate(tokens, params, cancel)
 
-    def _generate_in_slot(self, tokens: list[int], params: SamplingParams,
-                          cancel: CancelToken | None) -> Iterator[TokenEvent]:
-        with self.acquire_slot(tokens) as slot:
-            yield from slot._stream(tokens, params, cancel or CancelToken())
+    def acquire_slot(self, prompt: Sequence[int] | None = None,
+                     timeout: float | None = None) -> AbstractContextManager[OnnxSlot]:
+        """A free slot, preferring the one whose cache shares most with ``prompt``."""
+        return self.slots.acquire(prompt, timeout)
 
-    def logit_rows(self, tokens: Sequence[int], first: int) -> Iterator[tuple[int, Any]]:
+    def logit_rows(self, tokens: Sequence[int], first: int) -> Iterator[tuple[int, np.ndarray]]:
         """Evaluate ``tokens`` from position 0 and yield (position, logit rows) from ``first`` on.
 
         For quality measurement: every position's logits, ``native.PREFILL_CHUNK`` tokens at a time, in a
         generator of its own (the slots' caches are left as they are).
         """
         tokens = self.check_prompt(tokens)
-        seq = native.GenaiSequence(self.og_model, self.folder.cache_positions(self.info.n_ctx))
+        seq = self.new_sequence()
         for pos in range(0, len(tokens), native.PREFILL_CHUNK):
             chunk = tokens[pos:pos + native.PREFILL_CHUNK]
             seq.append(chunk)
@@ -320,34 +247,18 @@ class OnnxModel:
                 rows = seq.appended_logits()[max(0, first - pos):]
                 yield max(first, pos), rows
 
-    @contextmanager
-    def acquire_slot(self, prompt: Sequence[int] | None = None, timeout: float | None = None) -> Iterator[OnnxSlot]:
-        """A free slot, preferring the one whose cache shares most with ``prompt``."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._free, timeout=timeout):
-                raise SlotsBusyError(f"all {len(self._slots)} slots are busy")
-            slot = max(self._free, key=lambda s: (s.prefix.common_length(prompt or ()), -s.last_used))
-            self._free.remove(slot)
-        try:
-            yield slot
-        finally:
-            slot.last_used = time.monotonic()
-            with self._cond:
-                self._free.append(slot)
-                self._cond.notify()
-
     def reset(self) -> None:
         """Forget the cache of every idle slot (their next call evaluates the whole prompt)."""
-        with self._cond:
-            for slot in self._free:
+        with self.slots.idle() as idle:
+            for slot in idle:
                 slot.clear()
 
     def close(self) -> None:
         """Free the generators and the model; safe to call twice."""
-        self._closed = True
-        with self._cond:
-            for slot in self._slots:
-                slot.forget()
+        self.slots.close()
+        for slot in self.slots:
+            slot.forget()
+        self.grammars.close()
         self.og_model = None
 
     def __enter__(self) -> OnnxModel:
@@ -363,20 +274,3 @@ def choose_provider(folder: OnnxFolder) -> str | None:
 
     available = {native.PROVIDER_NAMES.get(p) for p in onnxruntime.get_available_providers()}
     return next((p for p in folder.providers if p in available), None)
-
-
-def chat_template(folder: Path, tok_config: dict[str, Any]) -> str | None:
-    """The chat template from tokenizer_config.json, else from chat_template.jinja."""
-    template = tok_config.get("chat_template")
-    if isinstance(template, list):  # several named templates: the default one
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-    if isinstance(template, str) and template:
-        return template
-    jinja = folder / "chat_template.jinja"
-    return jinja.read_text(encoding="utf-8") if jinja.is_file() else None
-
-
-def _token_text(value: Any) -> str | None:
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) and value else None

@@ -1,13 +1,12 @@
-"""The raw onnxruntime-genai calls of the ONNX backend, and the token sampler it feeds.
+"""The raw onnxruntime-genai calls of the ONNX backend.
 
 Only this module and ``probe`` import ``onnxruntime_genai``. Runtime failures come out as our
 typed errors with one-line messages.
 
-Sampling happens here in numpy rather than in genai's search: a genai ``Generator`` fixes its
-search options (and its random generator) when it is created and ignores later changes, yet the
-KV cache lives in that generator, so keeping the cache across calls with different
-``SamplingParams`` or seeds needs sampling outside it. The chain mirrors llama.cpp's (penalties,
-top-k, top-p, min-p, temperature, draw), so both backends honour the same parameters.
+Tokens are picked in numpy (``backends.sampling``) rather than by genai's search: a genai
+``Generator`` fixes its search options (and its random generator) when it is created and ignores
+later changes, yet the KV cache lives in that generator, so keeping the cache across calls with
+different ``SamplingParams`` or seeds needs sampling outside it.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.backends.base import SamplingParams
 from edge_runtime.errors import GenerationError, InvalidModelFileError, ModelLoadError
 
 # genai_config provider names of the execution providers onnxruntime lists as available.
@@ -64,12 +62,6 @@ def load_model(folder: str, *, n_threads: int, provider: str | None) -> Any:
         raise ModelLoadError(f"onnxruntime-genai could not load {folder}: {why}") from None
 
 
-def load_tokenizer(model: Any) -> Any:
-    import onnxruntime_genai as og
-
-    return og.Tokenizer(model)
-
-
 class GenaiSequence:
     """One genai ``Generator``: a KV cache of ``max_length`` positions and the tokens in it."""
 
@@ -77,7 +69,7 @@ class GenaiSequence:
         import onnxruntime_genai as og
 
         params = og.GeneratorParams(model)
-        # Greedy search: genai only advances the cache; tokens are picked by TokenPicker.
+        # Greedy search: genai only advances the cache; tokens are picked by our Sampler.
         params.set_search_options(max_length=max_length, do_sample=False, batch_size=1)
         try:
             self._generator = og.Generator(model, params)
@@ -107,44 +99,3 @@ class GenaiSequence:
         """The logits after the last evaluated token, float32, one row."""
         logits = self._generator.get_logits()
         return np.asarray(logits, dtype=np.float32).reshape(-1, logits.shape[-1])[-1]
-
-
-class TokenPicker:
-    """Picks the next token from logits as llama.cpp's default sampler chain does."""
-
-    def __init__(self, params: SamplingParams) -> None:
-        self.params = params
-        self._rng = np.random.default_rng(params.seed)
-
-    def pick(self, logits: np.ndarray, history: Sequence[int]) -> int:
-        """The next token; ``history`` feeds the repetition penalty (its last ``repeat_last_n``)."""
-        p = self.params
-        if p.repeat_penalty != 1.0 and p.repeat_last_n != 0 and history:
-            logits = logits.copy()
-            recent = history if p.repeat_last_n < 0 else history[-p.repeat_last_n:]
-            ids = np.unique(np.asarray(recent, dtype=np.int64))
-            ids = ids[(ids >= 0) & (ids < logits.shape[0])]
-            seen = logits[ids]
-            logits[ids] = np.where(seen > 0, seen / p.repeat_penalty, seen * p.repeat_penalty)
-        if p.greedy:
-            return int(np.argmax(logits))
-        ids = np.arange(logits.shape[0])
-        if 0 < p.top_k < logits.shape[0]:
-            ids = np.argpartition(logits, -p.top_k)[-p.top_k:]
-        vals = logits[ids].astype(np.float64)
-        order = np.argsort(-vals, kind="stable")
-        ids, vals = ids[order], vals[order]
-        if p.top_p < 1.0:
-            probs = _softmax(vals)
-            keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
-            ids, vals = ids[:keep], vals[:keep]
-        if p.min_p > 0.0:
-            keep = vals >= vals[0] + np.log(p.min_p)
-            ids, vals = ids[keep], vals[keep]
-        probs = _softmax(vals / p.temperature)
-        return int(ids[self._rng.choice(len(ids), p=probs)])
-
-
-def _softmax(vals: np.ndarray) -> np.ndarray:
-    e = np.exp(vals - vals.max())
-    return e / e.sum()

@@ -6,18 +6,19 @@ differing position on, exactly as the llama.cpp backend does. Positions past the
 still hold old keys and values, but the causal mask hides every position after the one being
 computed, and each is overwritten before a later token can see it.
 
-One sequence per model: ``generate`` raises while another generation runs, and
-``acquire_slot`` (the server's entry) waits for the model to be free.
+One sequence per model, a pool of one slot: ``generate`` raises while another generation runs,
+and ``acquire_slot`` (the server's entry) waits for the model to be free.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from edge_runtime.backends.base import (
     CancelToken,
@@ -27,20 +28,17 @@ from edge_runtime.backends.base import (
     SamplingParams,
     Settings,
     TokenEvent,
+    check_logit_bias,
     check_prompt,
     default_threads,
 )
-from edge_runtime.backends.sampling import new_rng, sample_token
+from edge_runtime.backends.constraints import GrammarState, tokenizer_json_compiler
+from edge_runtime.backends.sampling import Sampler
+from edge_runtime.backends.slots import SlotPool, StreamGuard
 from edge_runtime.backends.text import StreamingText
 from edge_runtime.backends.tflite.engine import INSTALL_HINT, find_runtime, open_engine
 from edge_runtime.backends.tokenizer import HFTokenizer
-from edge_runtime.errors import (
-    BackendUnavailableError,
-    ContextLengthExceededError,
-    EdgeRuntimeError,
-    GenerationError,
-    SlotsBusyError,
-)
+from edge_runtime.errors import BackendUnavailableError, GenerationError, InvalidModelFileError
 from edge_runtime.formats.tflite import DECODE, PREFILL_PREFIX, read_description, read_tflite_layout
 
 
@@ -72,20 +70,25 @@ def plan_chunks(n_tokens: int, pos: int, lengths: Sequence[int], kv_len: int) ->
     return steps
 
 
-class _Slot:
-    """The model's one sequence, held through ``acquire_slot`` (the server's path)."""
+class TfliteSlot:
+    """The model's one sequence: the engine's KV cache and the tokens it holds."""
 
     def __init__(self, model: TfliteModel) -> None:
         self._model = model
-
-    @property
-    def cached_tokens(self) -> list[int]:
-        return self._model.prefix.tokens
+        self.prefix = model.prefix
+        self._guard = StreamGuard()
 
     def generate(self, tokens: Sequence[int], params: SamplingParams, *,
                  cancel: CancelToken | None = None) -> Iterator[TokenEvent]:
         """Exactly ``Model.generate``, by the holder of the slot."""
-        return self._model._stream(self._model.check_prompt(tokens), params, cancel or CancelToken())
+        tokens = self._model.check_prompt(tokens)
+        template = self._model.check_params(params)
+        cancel = cancel or CancelToken()
+        return self._guard.start(self._model._stream(tokens, params, template, cancel), cancel)
+
+    def wait_idle(self) -> None:
+        """Stop what the slot still generates (nobody is reading it) and wait until it has."""
+        self._guard.wait_idle()
 
 
 class TfliteModel:
@@ -102,7 +105,7 @@ class TfliteModel:
         self.tokenizer = HFTokenizer(Path(path).parent, bos_id=description.get("bos_token_id"),
                                      eos_ids=description.get("eos_token_ids") or ())
         if self.tokenizer.n_vocab > self.layout.n_vocab:
-            raise EdgeRuntimeError(
+            raise InvalidModelFileError(
                 f"{Path(path).name}: the tokenizer beside it has {self.tokenizer.n_vocab} tokens, the model "
                 f"{self.layout.n_vocab}; they do not belong together", "convert the model again")
         kv_len = self.layout.kv_len
@@ -122,7 +125,8 @@ class TfliteModel:
             bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token, add_bos=self.tokenizer.add_bos,
         )
         self.prefix = EvaluatedPrefix()
-        self._lock = threading.Lock()
+        self.slots = SlotPool([TfliteSlot(self)])
+        self.grammars = tokenizer_json_compiler(self.tokenizer.path, self.info.n_vocab, self.tokenizer.end_ids)
         self.evaluated_total = 0
 
     # -- text ------------------------------------------------------------------------------
@@ -141,44 +145,38 @@ class TfliteModel:
         return check_prompt(tokens, self.info, f"shorten the prompt; this TFLite model's KV cache holds "
                             f"{self.layout.kv_len} tokens (convert it again with a larger kv_cache_max_len for more)")
 
+    def check_params(self, params: SamplingParams) -> Any:
+        """The compiled grammar of ``params`` (None when unconstrained); a ``logit_bias`` token
+        outside the vocabulary or a grammar llguidance refuses raises here, before any work."""
+        check_logit_bias(params, self.info)
+        return self.grammars.compile(params)
+
     def generate(self, tokens: Sequence[int], params: SamplingParams, *,
                  cancel: CancelToken | None = None) -> Iterator[TokenEvent]:
         """Stream tokens continuing ``tokens``, reusing whatever prefix the cache already holds.
 
-        A prompt that is empty or does not fit the context raises here, before any streaming.
+        A prompt that is empty or does not fit the context, or parameters ``check_params``
+        refuses, raise here, before any streaming.
         """
         tokens = self.check_prompt(tokens)
-        if self._lock.locked():
-            raise GenerationError("this model is already generating", "wait for the answer in progress")
-        return self._generate_locked(tokens, params, cancel or CancelToken())
+        self.check_params(params)
+        return self.slots.generate(tokens, params, cancel)
 
-    def _generate_locked(self, tokens: list[int], params: SamplingParams, cancel: CancelToken) -> Iterator[TokenEvent]:
-        if not self._lock.acquire(blocking=False):
-            raise GenerationError("this model is already generating", "wait for the answer in progress")
-        try:
-            yield from self._stream(tokens, params, cancel)
-        finally:
-            self._lock.release()
-
-    @contextmanager
-    def acquire_slot(self, prompt: Sequence[int] | None = None, timeout: float | None = None) -> Iterator[_Slot]:
+    def acquire_slot(self, prompt: Sequence[int] | None = None,
+                     timeout: float | None = None) -> AbstractContextManager[TfliteSlot]:
         """Wait up to ``timeout`` seconds (None: forever) for the model's one sequence."""
-        if not self._lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
-            raise SlotsBusyError("the model's one sequence is busy")
-        try:
-            yield _Slot(self)
-        finally:
-            self._lock.release()
+        return self.slots.acquire(prompt, timeout)
 
-    def _stream(self, tokens: list[int], params: SamplingParams, cancel: CancelToken) -> Iterator[TokenEvent]:
+    def _stream(self, tokens: list[int], params: SamplingParams, template: Any,
+                cancel: CancelToken) -> Iterator[TokenEvent]:
         started = time.perf_counter()
         # The last prompt token is always evaluated again: its logits pick the first new token.
         kept = min(self.prefix.common_length(tokens), len(tokens) - 1)
         del self.prefix.tokens[kept:]
         todo, pos, done = tokens[kept:], kept, 0
-        text = StreamingText(params.stop)
+        text = StreamingText.for_params(params)
         pieces = self.tokenizer.streaming_decoder(tokens)
-        rng = new_rng(params)
+        sampler = Sampler(params, GrammarState(template, self.info.n_vocab) if template is not None else None)
         history = list(tokens)
         n_gen, first_token_at, prefill_end = 0, 0.0, 0.0
 
@@ -205,10 +203,12 @@ class TfliteModel:
             if cancel.cancelled:
                 yield finish("cancelled")
                 return
-            token = sample_token(logits, params, rng, history)
+            token = sampler.pick(logits, history)
+            logprob, top = sampler.logprobs(logits, token)
             if self.tokenizer.is_end(token):
                 yield finish("stop")
                 return
+            complete = sampler.advance(token)
             n_gen += 1
             if n_gen == 1:
                 first_token_at = time.perf_counter()
@@ -216,10 +216,13 @@ class TfliteModel:
             piece = text.push(pieces.push(token))
             if text.stopped:
                 if piece:
-                    yield TokenEvent(token, piece)
+                    yield TokenEvent(token, piece, logprob=logprob, top_logprobs=top)
                 yield finish("stop")
                 return
-            yield TokenEvent(token, piece)
+            yield TokenEvent(token, piece, logprob=logprob, top_logprobs=top)
+            if complete:  # the grammar allows nothing but an end token now
+                yield finish("stop")
+                return
             if n_gen >= params.max_tokens or pos + 1 >= self.info.n_ctx:
                 yield finish("length")
                 return
@@ -238,16 +241,19 @@ class TfliteModel:
         self.evaluated_total += len(chunk)
         return logits[-1] if rows == 1 else logits
 
-    def logit_rows(self, tokens: Sequence[int], first: int) -> Iterator[tuple[int, Any]]:
+    def logit_rows(self, tokens: Sequence[int], first: int) -> Iterator[tuple[int, np.ndarray]]:
         """Evaluate ``tokens`` from position 0 and yield (position, logit rows) from ``first`` on.
 
         For quality measurement: every position's logits, chunk by chunk as the prefill
-        signatures evaluate them. The cached prefix is replaced by ``tokens``.
+        signatures evaluate them, on the model's one sequence (its cached prefix becomes ``tokens``).
         """
-        tokens = list(tokens)
-        if len(tokens) > self.info.n_ctx:
-            raise ContextLengthExceededError(len(tokens), self.info.n_ctx)
-        with self._lock:
+        tokens = self.check_prompt(tokens)
+        if not self.slots.n_free:
+            raise GenerationError("this model is already generating", "wait for the answer in progress")
+        return self._logit_rows_in_slot(tokens, first)
+
+    def _logit_rows_in_slot(self, tokens: list[int], first: int) -> Iterator[tuple[int, np.ndarray]]:
+        with self.slots.acquire():
             self.prefix.tokens.clear()
             pos = 0
             for signature, n_real, width in plan_chunks(len(tokens), 0, self.layout.prefill_lengths,
@@ -261,11 +267,16 @@ class TfliteModel:
 
     def reset(self) -> None:
         """Forget the cached prefix (the next call evaluates the whole prompt)."""
-        with self._lock:
-            self.prefix.tokens.clear()
+        with self.slots.idle() as idle:
+            for slot in idle:
+                slot.prefix.tokens.clear()
 
     def close(self) -> None:
         """Free the interpreter and its buffers; safe to call twice."""
+        if hasattr(self, "slots"):
+            self.slots.close()
+        if hasattr(self, "grammars"):
+            self.grammars.close()
         engine, self.engine = getattr(self, "engine", None), None
         if engine is not None:
             engine.close()
