@@ -7,6 +7,8 @@ The KV cache is the model's business: a Session renders the whole conversation e
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -14,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.backends.base import CancelToken, GenerationStats, Model, SamplingParams, TokenEvent
-from edge_runtime.errors import ContextLengthExceededError, InvalidConfigError
-from edge_runtime.files import atomic_write
+from edge_runtime.errors import ContextLengthExceededError, InvalidConfigError, InvalidRequestError
+from edge_runtime.files import atomic_write, parse_json, read_regular_file
 
 # Used when a model carries no template of its own: ChatML, which most small instruct models use.
 FALLBACK_TEMPLATE = (
@@ -25,6 +27,7 @@ FALLBACK_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 CONVERSATION_VERSION = 1
+CONVERSATION_MAX_BYTES = 64 << 20  # far more than any context holds; /load of a device or a huge file stops here
 ROLES = ("system", "user", "assistant")
 
 
@@ -62,19 +65,141 @@ def compile_template(source: str) -> Callable[..., str]:
 
 
 class ChatFormatter:
-    """Renders messages with a model's own chat template (sandboxed) and tokenizes them."""
+    """Renders messages with a model's own chat template (sandboxed) and tokenizes them.
 
-    def __init__(self, model: Model) -> None:
+    Markup comes from the template only: each message's text is tokenized as text, so a message
+    that spells ``<|im_end|>`` cannot end its turn and open another. The template is rendered
+    once with the messages and once with a placeholder for each message's text; the second shows
+    which stretches of the prompt are the template's. The tokens are those the whole prompt
+    would give (markup splits the prompt into runs of text, each tokenized alone, as tokenizers
+    do), except that no markup is found inside a message.
+    """
+
+    def __init__(self, model: Model, template: str | None = None) -> None:
         self.model = model
-        self._render = compile_template(model.info.chat_template or FALLBACK_TEMPLATE)
+        self._render = compile_template(template or model.info.chat_template or FALLBACK_TEMPLATE)
+        self._markup: dict[int, str | None] = {}  # token id -> its text, when it is a control token
+        self._runs: dict[str, list[str | int]] = {}  # template text -> its text runs and markup tokens
 
-    def tokens(self, messages: list[dict[str, str]]) -> list[int]:
-        """Tokens of ``messages`` followed by the prompt for the assistant's reply."""
+    def tokens(self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Tokens of ``messages`` followed by the prompt for the assistant's reply.
+
+        ``tools`` (OpenAI's tool definitions) reach the template's ``tools`` variable, for
+        templates that render tools themselves.
+        """
         info = self.model.info
-        text = self._render(messages=messages, add_generation_prompt=True,
-                            bos_token=info.bos_token or "", eos_token=info.eos_token or "")
-        add_bos = info.add_bos and not (info.bos_token and text.startswith(info.bos_token))
-        return self.model.tokenize(text, special=True, add_bos=add_bos)
+        variables: dict[str, Any] = {"add_generation_prompt": True, "bos_token": info.bos_token or "",
+                                     "eos_token": info.eos_token or ""}
+        if tools is not None:
+            variables["tools"] = tools
+        text = self._render(messages=messages, **variables)
+        add_bos = bool(info.add_bos and not (info.bos_token and text.startswith(info.bos_token)))
+        parts = self._split(messages, text, variables)
+        runs = self._runs_of(parts) if parts is not None else None
+        if runs is None:
+            # The template does something to a message's text that the split cannot follow (it
+            # changes its case, cuts it, or drops a placeholder): tokenize the prompt whole, which
+            # is safe while no message spells markup, and refuse one that does.
+            if any(self._spells_markup(m["content"]) for m in messages if isinstance(m.get("content"), str)):
+                raise InvalidRequestError(
+                    "a message holds the text of a control token (such as <|im_end|>), and this model's "
+                    "chat template rewrites messages in a way that cannot keep it apart from the markup",
+                    "remove the control token's text from the message")
+            return self.model.tokenize(text, special=True, add_bos=add_bos)
+        tokens = self.model.tokenize("", add_bos=True) if add_bos else []
+        for run in runs:
+            if isinstance(run, int):
+                tokens.append(run)
+            else:
+                tokens += self.model.tokenize(run, special=False)
+        return tokens
+
+    def _split(self, messages: list[dict[str, str]], text: str,
+               variables: dict[str, Any]) -> list[tuple[str, bool]] | None:
+        """``text`` cut into (piece, is a message's text), or None where the cut cannot be made."""
+        if not all(isinstance(m.get("content"), str) for m in messages):
+            return None
+        tag = f"EDGERT{secrets.token_hex(8)}M"  # letters and digits: survives trim, escaping and joins
+        marked = [{**m, "content": f"{tag}{i}E"} for i, m in enumerate(messages)]
+        try:
+            pieces = re.split(f"{tag}([0-9]+)E", self._render(messages=marked, **variables))
+        except TemplateError:  # e.g. a template that checks what a message says
+            return None
+        parts: list[tuple[str, bool]] = []
+        pos = 0
+        for k, piece in enumerate(pieces):
+            if k % 2 == 0:  # the template's own text
+                if not text.startswith(piece, pos):
+                    return None
+                parts.append((piece, False))
+                pos += len(piece)
+                continue
+            content, after = messages[int(piece)]["content"], pieces[k + 1]
+            # Templates trim messages (Llama 3, Gemma): the form that fits between the template's
+            # pieces is the one the prompt holds.
+            for form in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip())):
+                if text.startswith(form, pos) and text.startswith(after, pos + len(form)):
+                    break
+            else:
+                return None
+            parts.append((form, True))
+            pos += len(form)
+        return parts if pos == len(text) else None
+
+    def _runs_of(self, parts: list[tuple[str, bool]]) -> list[str | int] | None:
+        """Runs of text between markup tokens, and the markup tokens, in prompt order."""
+        runs: list[str | int] = []
+        text: list[str] = []
+        for piece, is_message in parts:
+            items = [piece] if is_message else self._template_runs(piece)
+            if items is None:
+                return None
+            for item in items:
+                if isinstance(item, int):
+                    if text:
+                        runs.append("".join(text))
+                        text = []
+                    runs.append(item)
+                else:
+                    text.append(item)
+        if text:
+            runs.append("".join(text))
+        return runs
+
+    def _template_runs(self, piece: str) -> list[str | int] | None:
+        """A piece of the template's text as text runs and markup tokens (cached: pieces repeat)."""
+        if piece in self._runs:
+            return self._runs[piece]
+        out: list[str | int] = []
+        pos = 0
+        for token in self.model.tokenize(piece, special=True):
+            mark = self._markup_text(token)
+            if mark is None:
+                continue
+            at = piece.find(mark, pos)
+            if at < 0:
+                return None
+            if at > pos:
+                out.append(piece[pos:at])
+            out.append(token)
+            pos = at + len(mark)
+        if pos < len(piece):
+            out.append(piece[pos:])
+        if len(self._runs) < 4096:
+            self._runs[piece] = out
+        return out
+
+    def _markup_text(self, token: int) -> str | None:
+        """The text of ``token`` if it is markup: a token only parsing special tokens makes."""
+        if token not in self._markup:
+            text = self.model.detokenize([token])
+            is_markup = (bool(text) and self.model.tokenize(text, special=True) == [token]
+                         and self.model.tokenize(text, special=False) != [token])
+            self._markup[token] = text if is_markup else None
+        return self._markup[token]
+
+    def _spells_markup(self, text: str) -> bool:
+        return self.model.tokenize(text, special=True) != self.model.tokenize(text, special=False)
 
 
 @dataclass(frozen=True)
@@ -96,13 +221,15 @@ class Session:
         system: str | None = None,
         params: SamplingParams | None = None,
         on_notice: Callable[[str], None] | None = None,
+        template: str | None = None,
     ) -> None:
+        """``template``: a chat template to use instead of the model's own."""
         self.model = model
         self.params = params or SamplingParams()
         self.messages: list[dict[str, str]] = []
         self.system = system
         self.last_turn: Turn | None = None
-        self._format = ChatFormatter(model)
+        self._format = ChatFormatter(model, template)
         self._on_notice = on_notice or (lambda _msg: None)
         self._told_about_dropping = False
         self._window_start = 0  # index in messages of the oldest turn still sent to the model
@@ -127,14 +254,10 @@ class Session:
 
     def load(self, path: str | Path) -> None:
         """Replace the conversation with one saved by ``save``."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise InvalidConfigError(f"{path}: no such file") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidConfigError(f"{path}: not a conversation file ({exc})") from None
-        self.system, self.messages = parse_conversation(data, str(path))
+        shown = str(path)
+        data = parse_json(read_regular_file(path, CONVERSATION_MAX_BYTES, "conversation file"), shown,
+                          "give a file saved with /save")
+        self.system, self.messages = parse_conversation(data, shown)
         self._window_start = 0
 
     # -- prompting -------------------------------------------------------------------------
@@ -209,7 +332,7 @@ def parse_conversation(data: Any, source: str) -> tuple[str | None, list[dict[st
     if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
         raise InvalidConfigError(f"{source}: expected an object with a 'messages' list")
     if data.get("version", CONVERSATION_VERSION) != CONVERSATION_VERSION:
-        raise InvalidConfigError(f"{source}: conversation version {data.get('version')!r} is not supported")
+        raise InvalidConfigError(f"{source}: not a conversation version this edgert reads ({CONVERSATION_VERSION})")
     system = data.get("system")
     if system is not None and not isinstance(system, str):
         raise InvalidConfigError(f"{source}: 'system' must be a string")

@@ -231,3 +231,51 @@ def test_a_folder_without_a_manifest_and_unknown_names_are_clear_errors(tmp_path
     with pytest.raises(ModelNotFoundError, match="unknown model 'nope'"):
         model_spec.find_artifacts("nope")
     assert model_spec.find_artifacts(None)[0].quant == "Q4_1"  # still the embedded default
+
+
+def test_atomic_writes_leave_the_old_file_or_the_new_one_and_no_temporary_file(tmp_path):
+    from edge_runtime.files import atomic_path, atomic_write, atomic_writer
+
+    folder = tmp_path / "out"
+    target = atomic_write(folder / "data.bin", "old")
+    with pytest.raises(RuntimeError, match="midway"), atomic_writer(target) as fh:
+        fh.write(b"the first half of the new")
+        raise RuntimeError("stopped midway")
+    assert target.read_text() == "old" and [p.name for p in folder.iterdir()] == ["data.bin"]
+    with atomic_path(folder / "lib.bin") as tmp:  # a library writing to a path of its own
+        tmp.write_bytes(b"from a library")
+        assert not (folder / "lib.bin").exists()
+    assert (folder / "lib.bin").read_bytes() == b"from a library"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (folder / "lib.bin").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's owner-only mode
+    assert sorted(p.name for p in folder.iterdir()) == ["data.bin", "lib.bin"]
+
+
+def test_joined_chunks_that_fail_their_hash_leave_nothing(tmp_path):
+    from edge_runtime.models.embedded import _join_chunks
+
+    chunks = [tmp_path / f"m.gguf.part{i:02d}" for i in range(2)]
+    for i, chunk in enumerate(chunks):
+        chunk.write_bytes(bytes([i]) * 1000)
+    target = tmp_path / "joined" / "m.gguf"
+    with pytest.raises(InvalidModelFileError, match="do not match the expected sha256"):
+        _join_chunks(chunks, target, "0" * 64)
+    assert list(target.parent.iterdir()) == []
+    _join_chunks(chunks, target, hashlib.sha256(b"\0" * 1000 + b"\1" * 1000).hexdigest())
+    assert target.read_bytes() == b"\0" * 1000 + b"\1" * 1000
+
+
+def test_replace_folder_swaps_a_whole_folder(tmp_path):
+    from edge_runtime.files import replace_folder
+
+    entry, staging = tmp_path / "entry", tmp_path / ".staging"
+    entry.mkdir()
+    (entry / "old.bin").write_text("old")
+    staging.mkdir()
+    (staging / "new.bin").write_text("new")
+    replace_folder(staging, entry)
+    assert [p.name for p in entry.iterdir()] == ["new.bin"] and [p.name for p in tmp_path.iterdir()] == ["entry"]
+    staging.mkdir()
+    replace_folder(staging, tmp_path / "fresh")  # nothing there yet: a plain rename
+    assert (tmp_path / "fresh").is_dir() and not staging.exists()

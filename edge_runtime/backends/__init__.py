@@ -107,4 +107,18 @@ def load_artifact(artifacts: Sequence[Artifact], settings: Settings, *, backend:
     artifact = next((a for a in artifacts if a.format in formats), None)
     if artifact is None:
         raise ModelNotFoundError(f"{what or 'the default model'} has no artifact for the {backend} backend")
+    return open_artifact(artifact, settings, backend=backend)
+
+
+def open_artifact(artifact: Artifact, settings: Settings, *, backend: str | None = None) -> Model:
+    """Load one planned artifact: the one way the product opens a model file.
+
+    Its files are checked first (the manifest's sha256, links out of its folder) and a file never
+    loaded cleanly before is tried in a child process (``trial_load``), so a file that would abort
+    the runtime is an error here instead of the end of this process.
+    """
+    from edge_runtime.backends.trial_load import vet_artifact
+
+    backend = backend or next(s.name for s in BACKENDS if artifact.format in s.formats)
+    vet_artifact(artifact, backend)
     return load_backend(backend).load(artifact.path, settings)

@@ -1,63 +1,234 @@
-"""Options shared by the commands that load a model and generate, and what they turn into: a
-plan, a loaded model, sampling parameters."""
+"""Options shared by the commands, the types that check their values, and what they turn into: a
+plan, a loaded model, sampling parameters.
+
+Each kind of value has one click type here, so every command refuses the same bad values with the
+same words: ``WholeNumber`` and ``FiniteNumber`` within bounds ("at least 16", "between 0 and 1"),
+``THREADS`` (at most this device's logical CPUs), ``SEED``, ``MODEL`` (never empty) and
+``CommaList`` (``2,4``). A bad value is a usage error: one ``Error:`` line, exit 2.
+"""
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable
 from typing import Any
 
 import click
 
+from edge_runtime.limits import MAX_C_INT, MAX_REPEAT_PENALTY, MAX_SEED
+from edge_runtime.models import MODEL_HELP
+
+
+def bounds_text(minimum: float | None, maximum: float | None, *, above: bool = False) -> str:
+    """'between 0 and 1', 'at least 16', 'greater than 0' or 'at most 4', whichever bounds exist."""
+    low = None if minimum is None else f"{'greater than' if above else 'at least'} {_number(minimum)}"
+    if maximum is None:
+        return low or "any number"
+    if low is None:
+        return f"at most {_number(maximum)}"
+    return f"{low} and at most {_number(maximum)}" if above else f"between {_number(minimum)} and {_number(maximum)}"
+
+
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+class WholeNumber(click.ParamType):
+    """A whole number within bounds; every integer that reaches a native library fits its C int."""
+
+    name = "integer"
+
+    def __init__(self, minimum: int | None = None, maximum: int | None = None) -> None:
+        self.minimum, self.maximum = minimum, maximum
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        else:
+            try:
+                number = int(str(value).strip(), 10)
+            except ValueError:
+                self.fail(f"{value!r} is not a whole number", param, ctx)
+        maximum = self.upper_bound()
+        if (self.minimum is not None and number < self.minimum) or (maximum is not None and number > maximum):
+            self.fail(f"must be {self.describe(maximum)} (got {number})", param, ctx)
+        if number > MAX_C_INT:
+            self.fail(f"must be at most {MAX_C_INT} (got {number})", param, ctx)
+        return number
+
+    def upper_bound(self) -> int | None:
+        return self.maximum
+
+    def describe(self, maximum: int | None) -> str:
+        return bounds_text(self.minimum, maximum)
+
+
+class ThreadCount(WholeNumber):
+    """A thread count: at least 1, at most this device's logical CPUs (more only slows a run down)."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+
+    def upper_bound(self) -> int:
+        return os.cpu_count() or 1
+
+    def describe(self, maximum: int | None) -> str:
+        return f"{bounds_text(1, maximum)}, the logical CPUs of this device"
+
+
+class FiniteNumber(click.ParamType):
+    """A finite number (never nan or inf) within bounds; ``above`` makes the minimum exclusive."""
+
+    name = "number"
+
+    def __init__(self, minimum: float | None = None, maximum: float | None = None, *, above: bool = False) -> None:
+        self.minimum, self.maximum, self.above = minimum, maximum, above
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"must be a finite number (got {value})", param, ctx)
+        low = self.minimum is not None and (number <= self.minimum if self.above else number < self.minimum)
+        if low or (self.maximum is not None and number > self.maximum):
+            self.fail(f"must be {bounds_text(self.minimum, self.maximum, above=self.above)} (got {number:g})",
+                      param, ctx)
+        return number
+
+
+class ModelName(click.ParamType):
+    """A ``--model`` value: anything but empty (an empty one would silently mean the default)."""
+
+    name = "model"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        if not str(value).strip():
+            default = " (leave the option out for the default)" if isinstance(param, click.Option) else ""
+            self.fail(f"empty; name a model file, a folder or a model{default}", param, ctx)
+        return str(value)
+
+
+class CommaList(click.ParamType):
+    """Comma-separated values of another type (``2,4``), as a tuple; empty items are skipped."""
+
+    def __init__(self, item: click.ParamType) -> None:
+        self.item = item
+        self.name = f"{item.name},..."
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[Any, ...]:
+        if isinstance(value, tuple):
+            return value
+        items = tuple(self.item.convert(part.strip(), param, ctx) for part in str(value).split(",") if part.strip())
+        if not items:
+            self.fail(f"expected one or more comma-separated values, e.g. {self.example()}", param, ctx)
+        return items
+
+    def example(self) -> str:
+        return "2,4" if isinstance(self.item, WholeNumber) else "a,b"
+
+
+class WorkerAddresses(click.ParamType):
+    """``HOST:PORT,...`` of llama.cpp RPC workers (``rpc.parse_workers`` says what is wrong)."""
+
+    name = "host:port,..."
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        from edge_runtime.backends.llamacpp.rpc import parse_workers
+        from edge_runtime.errors import InvalidConfigError
+
+        try:
+            workers = parse_workers(str(value))
+        except InvalidConfigError as exc:
+            self.fail(f"{exc.message} ({exc.hint})" if exc.hint else exc.message, param, ctx)
+        if not workers:
+            self.fail("empty; name one or more workers as HOST:PORT,HOST:PORT", param, ctx)
+        return workers
+
+
+THREADS = ThreadCount()
+SEED = WholeNumber(0, MAX_SEED)
+MODEL = ModelName()
+CTX = WholeNumber(16)
+WORKERS = click.option(
+    "--workers", type=WorkerAddresses(), default=(), show_default=False,
+    help="Split the model across these llama.cpp RPC workers (`edgert worker` on each): the layers their memory "
+         "holds go there, the rest stay here. Needs scripts/enable_rpc.sh.")
+
 
 def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Options shared by every command that loads a model and generates."""
     options = [
-        click.option("--model", "-m", "model", default=None,
-                     help="A .gguf file or a model name (default: smollm2, the embedded model)."),
+        click.option("--model", "-m", "model", type=MODEL, default=None, help=MODEL_HELP),
         click.option("--backend", default=None, help="Force a backend (llama.cpp, onnx, tflite)."),
-        click.option("--ctx", type=click.IntRange(min=16), default=None,
+        click.option("--ctx", type=CTX, default=None,
                      help="Context size in tokens (default: the plan's, from the device profile)."),
-        click.option("--threads", type=click.IntRange(min=1), default=None,
-                     help="CPU threads (default: physical cores)."),
-        click.option("--temp", type=click.FloatRange(min=0.0), default=0.7, show_default=True,
+        click.option("--threads", type=THREADS, default=None,
+                     help="CPU threads, at most the logical CPUs (default: physical cores)."),
+        click.option("--temp", type=FiniteNumber(0.0), default=0.7, show_default=True,
                      help="Sampling temperature; 0 is greedy."),
-        click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True),
-        click.option("--top-p", type=click.FloatRange(0.0, 1.0), default=0.95, show_default=True),
-        click.option("--min-p", type=click.FloatRange(0.0, 1.0), default=0.05, show_default=True),
-        click.option("--repeat-penalty", type=click.FloatRange(min=0.0, min_open=True),
+        click.option("--top-k", type=WholeNumber(0), default=40, show_default=True),
+        click.option("--top-p", type=FiniteNumber(0.0, 1.0), default=0.95, show_default=True),
+        click.option("--min-p", type=FiniteNumber(0.0, 1.0), default=0.05, show_default=True),
+        click.option("--repeat-penalty", type=FiniteNumber(0.0, MAX_REPEAT_PENALTY, above=True),
                      default=1.0, show_default=True),
-        click.option("--seed", type=int, default=None, help="Sampling seed (default: random)."),
-        click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+        click.option("--seed", type=SEED, default=None, help=f"Sampling seed, 0 to {MAX_SEED} (default: random)."),
+        click.option("--max-tokens", type=WholeNumber(1), default=512, show_default=True,
                      help="Most tokens per answer."),
         click.option("--stats", is_flag=True, help="After each answer, a key=value line on stderr."),
+        WORKERS,
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
-def plan_from_options(opts: dict[str, Any], profile_id: str | None = None, *, parallel: int = 1) -> Any:
+def plan_from_options(opts: dict[str, Any], profile_id: str | None = None, *, parallel: int = 1,
+                      force: bool = False) -> Any:
     """The plan for the model and overrides the options name (``edge_runtime.plan``)."""
     from edge_runtime import plan
 
     return plan(opts["model"], backend=opts.get("backend"), ctx=opts.get("ctx"), threads=opts.get("threads"),
-                parallel=parallel, profile=profile_id)
+                parallel=parallel, profile=profile_id, force=force, workers=opts.get("workers") or ())
 
 
 def load_planned(opts: dict[str, Any]) -> tuple[Any, Any]:
     """(model, plan): the planned artifact loaded on the planned backend."""
-    from edge_runtime.backends import load_backend
+    from edge_runtime.backends import open_artifact
 
     chosen = plan_from_options(opts)
-    return load_backend(chosen.backend).load(chosen.artifact.path, chosen.settings), chosen
+    return open_artifact(chosen.artifact, chosen.settings, backend=chosen.backend), chosen
+
+
+JSON_SCHEMA = click.option(
+    "--json-schema", "json_schema", metavar="FILE", default=None,
+    help="A JSON file holding a JSON Schema: every answer is JSON that follows it.")
+MAX_SCHEMA_BYTES = 1 << 20
+
+
+def read_json_schema(path: str) -> dict[str, Any]:
+    """The JSON Schema in the file ``path``; a missing, oversized or malformed file is one error line."""
+    from edge_runtime.errors import InvalidConfigError
+    from edge_runtime.files import parse_json, read_regular_file
+
+    hint = "give a JSON file holding one schema object, such as {\"type\": \"object\"}"
+    schema = parse_json(read_regular_file(path, MAX_SCHEMA_BYTES, "JSON Schema file"), path, hint)
+    if not isinstance(schema, dict):
+        raise InvalidConfigError(f"{path}: a JSON Schema is an object, not {type(schema).__name__}", hint)
+    return schema
 
 
 def sampling_params(opts: dict[str, Any]) -> Any:
-    """The sampling options as ``SamplingParams``."""
+    """The sampling options as ``SamplingParams`` (``--json-schema``'s file read here)."""
     from edge_runtime.backends.base import SamplingParams
 
+    schema = opts.get("json_schema")
     return SamplingParams(
         max_tokens=opts["max_tokens"], temperature=opts["temp"], top_k=opts["top_k"],
         top_p=opts["top_p"], min_p=opts["min_p"], repeat_penalty=opts["repeat_penalty"],
-        seed=opts["seed"],
+        seed=opts["seed"], json_schema=read_json_schema(schema) if schema is not None else None,
     )

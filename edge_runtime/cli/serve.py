@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 from typing import Any
 
 import click
 
-from edge_runtime.errors import EdgeRuntimeError, InvalidConfigError
-
-LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
-
-
-def is_loopback(host: str) -> bool:
-    """True for addresses only this machine can reach."""
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+from edge_runtime.cli.options import CTX, MODEL, MODEL_HELP, THREADS, WORKERS, FiniteNumber, WholeNumber
+from edge_runtime.errors import DoesNotFitError, InvalidConfigError
 
 
 def read_api_key(api_key: str | None, api_key_file: str | None) -> str | None:
@@ -39,47 +27,76 @@ def read_api_key(api_key: str | None, api_key_file: str | None) -> str | None:
 
 
 @click.command()
-@click.option("--model", "-m", default=None, help="A .gguf file or a model name (default: smollm2).")
+@click.option("--model", "-m", type=MODEL, default=None, help=MODEL_HELP)
 @click.option("--backend", default=None, help="Force a backend (llama.cpp, onnx, tflite).")
-@click.option("--ctx", type=click.IntRange(min=16), default=None, help="Context of each conversation (slot).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads.")
+@click.option("--ctx", type=CTX, default=None, help="Context of each conversation (slot).")
+@click.option("--threads", type=THREADS, default=None, help="CPU threads, at most the logical CPUs.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("--port", type=WholeNumber(0, 65535), default=8080, show_default=True)
 @click.option("--api-key", default=None, help="Require Authorization: Bearer KEY.")
 @click.option("--api-key-file", default=None, type=click.Path(dir_okay=False), help="Read the key from a file.")
 @click.option("--insecure-no-auth", is_flag=True, help="Allow a non-loopback bind without a key.")
-@click.option("--parallel", type=click.IntRange(1, 64), default=4, show_default=True,
+@click.option("--parallel", type=WholeNumber(1, 64), default=4, show_default=True,
               help="Generations at once (continuous batching).")
-@click.option("--queue", "queue_size", type=click.IntRange(min=0), default=64, show_default=True,
+@click.option("--queue", "queue_size", type=WholeNumber(0), default=64, show_default=True,
               help="Requests that may wait for a slot; more get 429.")
-@click.option("--queue-timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
+@click.option("--queue-timeout", type=FiniteNumber(0.1), default=120.0, show_default=True,
               help="Seconds a request may wait for a slot before a 503.")
-@click.option("--allow-origin", "allow_origins", multiple=True, help="Send CORS headers for this origin.")
+@click.option("--allow-origin", "allow_origins", multiple=True,
+              help="A web origin (https://app.example) whose pages may call the server: CORS headers for it; "
+                   "requests from any other origin get 403. Repeatable.")
+@click.option("--allow-host", "allow_hosts", multiple=True,
+              help="Answer requests for this host name too (Host header). Without it, a loopback bind answers "
+                   "only localhost, 127.0.0.1 and [::1]; any other bind answers every name. Repeatable.")
+@click.option("--force", is_flag=True, help="Load even if the plan's memory estimate exceeds the budget.")
+@WORKERS
 def serve(host: str, port: int, api_key: str | None, api_key_file: str | None, insecure_no_auth: bool,
-          parallel: int, queue_size: int, queue_timeout: float, allow_origins: tuple[str, ...], **opts: Any) -> None:
-    """Serve the OpenAI API (chat, completions, models) to local apps."""
+          parallel: int, queue_size: int, queue_timeout: float, allow_origins: tuple[str, ...],
+          allow_hosts: tuple[str, ...], force: bool, **opts: Any) -> None:
+    """Serve the OpenAI API (chat, completions, models) to local apps.
+
+    Web pages cannot use it: requests for other host names (DNS rebinding) and from web origins
+    not named with --allow-origin get 403. A request that would take the process past the memory
+    the plan allows gets 503 with Retry-After.
+    """
+    from edge_runtime.server.access import answered_hosts, is_loopback
+
     key = read_api_key(api_key, api_key_file)
     if not is_loopback(host) and key is None and not insecure_no_auth:
-        raise EdgeRuntimeError(f"binding {host} exposes the model to the network without an API key",
+        raise InvalidConfigError(f"binding {host} exposes the model to the network without an API key",
                                "add --api-key/--api-key-file, bind 127.0.0.1, or pass --insecure-no-auth")
     if not is_loopback(host) and key is None:
         click.echo(f"warning: serving on {host} with no API key: anyone who can reach it may use it", err=True)
 
-    import uvicorn
-
-    from edge_runtime.backends import load_backend
-    from edge_runtime.cli.options import plan_from_options
+    from edge_runtime.backends import open_artifact
+    from edge_runtime.server.admission import process_rss
     from edge_runtime.server.app import ServerConfig, create_app
+    from edge_runtime.server.listen import uvicorn_server
 
-    plan = plan_from_options(opts, parallel=parallel)
+    rss_before_load = process_rss()
+    plan = _plan(opts, parallel, force)
     s, a = plan.settings, plan.artifact
     model_id = f"{a.name}-{a.quant}" if a.quant else a.name
+    # The process may grow by what the plan allowed: the budget, or (forced) the estimate.
+    memory_limit = rss_before_load + max(plan.budget_bytes, plan.memory.total_bytes)
     click.echo(f"plan: {plan.backend} · {a.label} · ctx {s.n_ctx} × {parallel} slots · threads {s.n_threads}"
-               f" · est. {plan.memory.total_bytes / 2**20:.0f} MiB", err=True)
+               f" · est. {plan.memory.total_bytes / 2**20:.0f} MiB · limit {memory_limit / 2**20:.0f} MiB"
+               + (f" · workers {', '.join(s.rpc_servers)}" if s.rpc_servers else ""), err=True)
     config = ServerConfig(model_id=model_id, parallel=parallel, queue_size=queue_size,
-                          queue_timeout_s=queue_timeout, api_key=key, allow_origins=allow_origins)
-    app = create_app(config, lambda: load_backend(plan.backend).load(a.path, s))
+                          queue_timeout_s=queue_timeout, api_key=key, allow_origins=allow_origins,
+                          allowed_hosts=answered_hosts(host, allow_hosts), memory_limit_bytes=memory_limit)
+    app = create_app(config, lambda: open_artifact(a, s, backend=plan.backend))
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"serving {model_id} on http://{shown}:{port}/v1 (Ctrl-C stops)", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=5)
+    uvicorn_server(app, host, port).run()
+
+
+def _plan(opts: dict[str, Any], parallel: int, force: bool) -> Any:
+    """The plan; settings the user forced beyond the memory budget are refused unless ``force``."""
+    from edge_runtime.cli.options import plan_from_options
+
+    try:
+        return plan_from_options(opts, parallel=parallel, force=force)
+    except DoesNotFitError as exc:
+        exc.hint = f"{exc.hint}, or pass --force to load it anyway"
+        raise

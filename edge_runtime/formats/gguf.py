@@ -9,6 +9,7 @@ bounds-checked and skipped, not decoded, so a header walk takes milliseconds.
 
 from __future__ import annotations
 
+import collections
 import functools
 import importlib.util
 import itertools
@@ -130,10 +131,7 @@ class GGUFHeader:
 
     def tensor(self, name: str) -> GGUFTensor | None:
         """The tensor called `name`, or None."""
-        for t in self.tensors:
-            if t.name == name:
-                return t
-        return None
+        return next((t for t in self.tensors if t.name == name), None)
 
     @property
     def n_params(self) -> int:
@@ -166,11 +164,8 @@ class GGUFHeader:
             name = names[ftype]
             return "F32" if name == "ALL_F32" else name.removeprefix("MOSTLY_")
         # llama.cpp guesses the same way: the most common type among the matrices.
-        counts: dict[str, int] = {}
-        for t in self.tensors:
-            if len(t.shape) >= 2:
-                counts[t.type_name] = counts.get(t.type_name, 0) + 1
-        return max(counts, key=lambda k: counts[k]) if counts else None
+        counts = collections.Counter(t.type_name for t in self.tensors if len(t.shape) >= 2)
+        return max(counts, key=counts.__getitem__) if counts else None
 
     @property
     def chat_template(self) -> str | None:
@@ -219,10 +214,12 @@ def _as_int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def read_gguf_header(path: str | os.PathLike[str], *, keep_arrays: Iterable[str] = ()) -> GGUFHeader:
+def read_gguf_header(path: str | os.PathLike[str], *, keep_arrays: Iterable[str] = (),
+                     parser: type[_Parser] | None = None) -> GGUFHeader:
     """Parse and validate a GGUF file's header, metadata and tensor table.
 
-    Arrays longer than `SMALL_ARRAY_LEN` keep `values=None` unless their key is in `keep_arrays`.
+    Arrays longer than `SMALL_ARRAY_LEN` keep `values=None` unless their key is in `keep_arrays`;
+    `parser` is a `_Parser` subclass that checks more as it walks (`deep_checks`).
     Raises `ModelNotFoundError` for a missing file and `InvalidModelFileError` for anything else.
     """
     shown = os.fspath(path)
@@ -242,7 +239,7 @@ def read_gguf_header(path: str | os.PathLike[str], *, keep_arrays: Iterable[str]
             if os.fstat(f.fileno()).st_size == 0:
                 raise InvalidModelFileError(f"{shown}: empty file (0 bytes), not a GGUF file")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                return _Parser(buf, shown, frozenset(keep_arrays)).parse()
+                return (parser or _Parser)(buf, shown, frozenset(keep_arrays)).parse()
     except (OSError, ValueError) as exc:
         raise InvalidModelFileError(f"{shown}: cannot read: {exc}") from None
 
@@ -278,10 +275,17 @@ class _Parser:
         self.pos += n
         return raw.decode("utf-8", errors="replace")
 
+    def name(self, what: str) -> str:
+        """A key or tensor name: short printable text, so an error may quote it (never raw bytes)."""
+        text = self.string(what)
+        if len(text) > 256 or not text.isprintable():
+            raise self.fail(f"{what} is not a name (over 256 characters or not printable text)")
+        return text
+
     def parse(self) -> GGUFHeader:
         magic = self.buf[:4]
         if magic != GGUF_MAGIC:
-            raise self.fail(f"not a GGUF file (magic {bytes(magic)!r})")
+            raise self.fail("not a GGUF file (it does not start with the GGUF magic)")
         if self.size < _HEADER_BYTES:
             raise self.past_end("the GGUF header", _HEADER_BYTES)
         self.pos = 4
@@ -304,7 +308,7 @@ class _Parser:
 
         metadata: dict[str, Any] = {}
         for i in range(n_kv):
-            key = self.string(f"metadata key #{i}")
+            key = self.name(f"metadata key #{i}")
             if not key:
                 raise self.fail(f"metadata key #{i} is empty")
             if key in metadata:
@@ -366,8 +370,8 @@ class _Parser:
         self.pos = pos
         return None
 
-    def tensor_info(self, i: int, seen: set[str]) -> tuple[str, tuple[int, ...], Any, int, int]:
-        name = self.string(f"the name of tensor #{i}")
+    def tensor_info(self, i: int, seen: set[str]) -> tuple[str, tuple[int, ...], Any, int, int, int]:
+        name = self.name(f"the name of tensor #{i}")
         if len(name.encode("utf-8", errors="replace")) >= GGML_MAX_NAME:
             raise self.fail(f"tensor #{i}: a name of {len(name)} characters is too long "
                             f"(llama.cpp allows {GGML_MAX_NAME - 1} bytes)")
@@ -395,21 +399,18 @@ class _Parser:
             raise self.fail(f"tensor {name!r}: rows of {shape[0]} values are not a multiple of "
                             f"{member.name}'s block size {block}")
         offset = self.take(_U64, f"the data offset of tensor {name!r}")
-        return name, shape, member, offset, n_elements // block * type_size
+        return name, shape, member, offset, n_elements // block * type_size, n_elements
 
-    def place(self, infos: list[tuple[str, tuple[int, ...], Any, int, int]], data_offset: int,
+    def place(self, infos: list[tuple[str, tuple[int, ...], Any, int, int, int]], data_offset: int,
               alignment: int) -> tuple[GGUFTensor, ...]:
         tensors = []
-        for name, shape, member, rel_offset, n_bytes in infos:
+        for name, shape, member, rel_offset, n_bytes, n_elements in infos:
             if rel_offset % alignment:
                 raise self.fail(f"tensor {name!r}: data offset {rel_offset} is not a multiple of "
                                 f"the alignment {alignment}")
             start = data_offset + rel_offset
             if start + n_bytes > self.size:
                 raise self.past_end(f"tensor {name!r} data", start + n_bytes)
-            n_elements = 1
-            for dim in shape:
-                n_elements *= dim
             tensors.append(GGUFTensor(name, shape, int(member), member.name, start, n_bytes, n_elements))
         by_start = sorted(tensors, key=lambda t: t.offset)
         for prev, cur in itertools.pairwise(by_start):

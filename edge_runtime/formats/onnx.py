@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.errors import InvalidModelFileError
+from edge_runtime.formats.containment import check_no_escaping_links, inside_folder
+from edge_runtime.formats.onnx_external import external_references
 
 GENAI_CONFIG = "genai_config.json"
 # Written by converters/to_onnx.py beside genai_config.json: what the folder itself cannot say.
 SIDECAR = "edgert_onnx.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-MiB = 1 << 20
-# StringStringEntryProto entries of an initializer's external_data: key (field 1), value (field 2).
-_EXTERNAL_ENTRY = re.compile(rb"\x0a(\x08location|\x06offset|\x06length)\x12")
+MAX_JSON_BYTES = 64 << 20  # the largest tokenizer.json is ~30 MB
 
 
 @dataclass(frozen=True)
@@ -70,25 +70,26 @@ def read_onnx_folder(path: str | Path) -> OnnxFolder:
     if not folder.is_dir():
         raise InvalidModelFileError(f"{folder}: not an ONNX model folder",
                                     "give the folder `edgert convert --format onnx` wrote")
+    check_no_escaping_links(folder)
     config = _read_json(folder / GENAI_CONFIG)
+    _check_file_names(config, folder)
     try:
         model = config["model"]
         decoder = model["decoder"]
         decoder_file = folder / decoder["filename"]
-        n_layer, n_kv = int(decoder["num_hidden_layers"]), int(decoder["num_key_value_heads"])
-        head_size = int(decoder["head_size"])
-        max_length = int(config.get("search", {}).get("max_length") or model["context_length"])
-        n_vocab = int(model["vocab_size"])
-        hidden_size = int(decoder.get("hidden_size") or n_kv * head_size)
-        sliding_window = int((decoder.get("sliding_window") or {}).get("window_size") or 0)
-        provider_options = decoder.get("session_options", {}).get("provider_options", [])
-        providers = tuple(name for entry in provider_options for name in entry)
-    except (KeyError, TypeError, ValueError) as exc:
+        n_layer, n_kv = _count(decoder, "num_hidden_layers"), _count(decoder, "num_key_value_heads")
+        head_size = _count(decoder, "head_size")
+        search = config.get("search") or {}
+        max_length = _count(search, "max_length") if search.get("max_length") else _count(model, "context_length")
+        n_vocab = _count(model, "vocab_size")
+        hidden_size = _count(decoder, "hidden_size") if decoder.get("hidden_size") else n_kv * head_size
+        window = decoder.get("sliding_window") or {}
+        sliding_window = _count(window, "window_size") if window.get("window_size") else 0
+        provider_options = (decoder.get("session_options") or {}).get("provider_options") or []
+        providers = tuple(str(name) for entry in provider_options for name in entry)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise InvalidModelFileError(f"{folder / GENAI_CONFIG}: missing or malformed field {exc}",
                                     "convert the model again") from None
-    if Path(decoder["filename"]).name != decoder["filename"]:  # files stay inside the folder
-        raise InvalidModelFileError(
-            f"{folder / GENAI_CONFIG}: decoder file {decoder['filename']!r} is outside the folder")
     if not decoder_file.is_file() or decoder_file.stat().st_size == 0:
         raise InvalidModelFileError(f"{folder}: the decoder {decoder_file.name} is missing or empty",
                                     "convert the model again")
@@ -99,20 +100,50 @@ def read_onnx_folder(path: str | Path) -> OnnxFolder:
     sidecar = _read_json(folder / SIDECAR) if (folder / SIDECAR).is_file() else {}
     tok_config = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
     eos = model.get("eos_token_id")
-    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int))
+    eos_ids = tuple(e for e in (eos if isinstance(eos, list) else [eos]) if _is_int(e))
     bos = model.get("bos_token_id")
+    kv_bytes, precision, n_params = sidecar.get("kv_bytes"), sidecar.get("precision"), sidecar.get("n_params")
     return OnnxFolder(
         path=folder, decoder_file=decoder_file, data_files=data_files, arch=str(model.get("type") or "unknown"),
         n_layer=n_layer, n_kv_heads=n_kv, head_size=head_size, n_vocab=n_vocab, hidden_size=hidden_size,
         max_length=max_length, sliding_window=sliding_window,
-        bos_id=bos if isinstance(bos, int) else None, eos_ids=eos_ids, providers=providers,
+        bos_id=bos if _is_int(bos) else None, eos_ids=eos_ids, providers=providers,
         # The builder keeps the KV cache in the model's I/O type: float32 on CPU, float16 on GPUs.
-        kv_bytes=int(sidecar.get("kv_bytes") or (2 if providers else 4)),
-        precision=sidecar.get("precision") or _precision_from_name(folder.name),
-        n_params=sidecar.get("n_params"), embedding_quantized=bool(sidecar.get("embedding_quantized")),
+        kv_bytes=kv_bytes if kv_bytes in (1, 2, 4) and _is_int(kv_bytes) else (2 if providers else 4),
+        precision=precision if isinstance(precision, str) else _precision_from_name(folder.name),
+        n_params=n_params if _is_int(n_params) else None,
+        embedding_quantized=sidecar.get("embedding_quantized") is True,
         size_bytes=sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()),
         tokenizer_config=tok_config,
     )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _count(section: dict[str, Any], key: str) -> int:
+    """``section[key]`` as a count runtimes can hold (a positive int32), else ``ValueError``."""
+    value = section[key]
+    if not _is_int(value) or not 0 < value < 2**31:
+        raise ValueError(f"{key}: expected a positive count, got {value!r}")
+    return value
+
+
+def _check_file_names(config: dict[str, Any], folder: Path) -> None:
+    """Every ``*filename`` in genai_config.json names a file inside the folder (genai opens them)."""
+    pending: list[Any] = [config]
+    while pending:
+        node = pending.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            if isinstance(key, str) and key.endswith("filename"):
+                if not isinstance(value, str):
+                    raise InvalidModelFileError(f"{folder / GENAI_CONFIG}: {key} is {value!r}, not a file name",
+                                                "convert the model again")
+                inside_folder(folder, value, f"{folder / GENAI_CONFIG}: {key}")
+            else:
+                pending.append(value)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -120,8 +151,10 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise InvalidModelFileError(f"{path.parent}: no {path.name}",
                                     "give a folder written by `edgert convert --format onnx`")
     try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise ValueError(f"{path.stat().st_size} bytes, more than any config needs")
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise InvalidModelFileError(f"{path}: not valid JSON ({exc})", "convert the model again") from None
     if not isinstance(data, dict):
         raise InvalidModelFileError(f"{path}: expected a JSON object", "convert the model again")
@@ -129,44 +162,26 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _check_external_data(decoder_file: Path) -> tuple[Path, ...]:
-    """The data files the graph's initializers point to, each checked to hold what they need.
+    """The data files the graph's tensors point to, each inside the folder and long enough.
 
-    The references are found by scanning the graph's protobuf for its external-data entries
-    (location, offset, length), so no ONNX library is needed; a graph too large to scan
-    cheaply is left to onnxruntime.
+    Every reference in the graph is read (``onnx_external``), so no ONNX library is needed and no
+    graph is too large to check: an absolute path, a ``..``, or a link leading out of the folder
+    is refused, as is a file shorter than the bytes the graph asks of it.
     """
-    if decoder_file.stat().st_size > 256 * MiB:
-        return ()
-    blob = decoder_file.read_bytes()
-    needed: dict[str, int] = {}
-    location, offset, length = None, 0, 0
-    for match in _EXTERNAL_ENTRY.finditer(blob):
-        start = match.end()
-        size = blob[start]  # short strings: a one-byte varint
-        value = blob[start + 1:start + 1 + size].decode("utf-8", errors="replace")
-        key = match.group(1)[1:]
-        if key == b"location":
-            location, offset, length = value, 0, 0
-        elif key == b"offset" and value.isdigit():
-            offset = int(value)
-        elif key == b"length" and value.isdigit():
-            length = int(value)
-        if location is not None:
-            needed[location] = max(needed.get(location, 0), offset + length)
-    files = []
-    for name, end in sorted(needed.items()):
-        if Path(name).name != name:
-            raise InvalidModelFileError(f"{decoder_file}: weights file {name!r} is outside the folder")
-        data = decoder_file.parent / name
+    folder = decoder_file.parent
+    needed: dict[Path, int] = {}
+    for ref in external_references(decoder_file):
+        data = inside_folder(folder, ref.location, f"{decoder_file}: weights file")
         if not data.is_file():
-            raise InvalidModelFileError(f"{decoder_file.parent}: the weights file {name} is missing",
+            raise InvalidModelFileError(f"{folder}: the weights file {ref.location} is missing",
                                         "copy the whole folder, or convert the model again")
+        needed[data] = max(needed.get(data, 0), ref.offset + (ref.length or 0))
+    for data, end in needed.items():
         if data.stat().st_size < end:
             raise InvalidModelFileError(
                 f"{data}: truncated ({data.stat().st_size} bytes, the graph needs {end})",
                 "copy the whole folder again, or convert the model again")
-        files.append(data)
-    return tuple(files)
+    return tuple(sorted(needed))
 
 
 def _precision_from_name(name: str) -> str | None:

@@ -158,13 +158,19 @@ def _describe(path: Path, fm: _FlatModel) -> TfliteLayout:
                      if k.startswith(PREFILL_PREFIX) and k[len(PREFILL_PREFIX):].isdigit())
     decode = signatures[DECODE]
     kv = {n: t for n, t in decode.inputs.items() if _KV_NAME.match(n)}
-    needed = (TOKENS, INPUT_POS)
-    if not kv or any(n not in decode.inputs for n in needed) or LOGITS not in decode.outputs:
-        raise InvalidModelFileError(f"{path.name}: the decode signature lacks tokens, input_pos, "
-                                    "KV cache inputs or logits; not a decoder this runtime can drive")
+    for key in [DECODE, *(f"{PREFILL_PREFIX}{n}" for n in prefill)]:  # each one the backend runs
+        sig = signatures[key]
+        if not kv or any(n not in sig.inputs for n in (TOKENS, INPUT_POS, *kv)) or LOGITS not in sig.outputs:
+            raise InvalidModelFileError(f"{path.name}: the {key} signature lacks tokens, input_pos, "
+                                        "KV cache inputs or logits; not a decoder this runtime can drive")
+        for name in (TOKENS, INPUT_POS):  # the runtime writes int32 ids and positions into them
+            if sig.inputs[name].dtype != "int32":
+                raise InvalidModelFileError(f"{path.name}: the {key} signature's {name} is "
+                                            f"{sig.inputs[name].dtype}, not int32", "convert the model again")
     first = kv[KV_K.format(layer=0)] if KV_K.format(layer=0) in kv else next(iter(kv.values()))
-    if len(first.shape) != 4:
-        raise InvalidModelFileError(f"{path.name}: unexpected KV cache shape {first.shape}")
+    if len(first.shape) != 4 or min(first.shape) < 1 or min(decode.outputs[LOGITS].shape or (0,)) < 1:
+        raise InvalidModelFileError(f"{path.name}: unexpected KV cache shape {first.shape} or logits shape "
+                                    f"{decode.outputs[LOGITS].shape}")
     _, kv_len, kv_heads, head_dim = first.shape
     return TfliteLayout(
         path=path, size_bytes=fm.size, signatures=signatures, prefill_lengths=tuple(prefill),

