@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from typing import Any
 
 import click
 
-from edge_runtime.cli.options import load_planned, model_options, sampling_params
+from edge_runtime.cli.options import JSON_SCHEMA, load_planned, model_options, sampling_params
+from edge_runtime.cli.output import print_json
 
 
 @click.command()
 @click.argument("prompt")
 @model_options
+@JSON_SCHEMA
 @click.option("--chat", "as_chat", is_flag=True, help="Wrap PROMPT in the model's chat template.")
 @click.option("--system", default=None, help="System prompt (with --chat).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of the text.")
@@ -23,8 +24,8 @@ def run(prompt: str, as_chat: bool, system: str | None, as_json: bool, **opts: A
     from edge_runtime.cli.chat_loop import stats_line
     from edge_runtime.session import Session
 
+    params = sampling_params(opts)  # a bad --json-schema file fails before the model loads
     model, plan = load_planned(opts)
-    params = sampling_params(opts)
     if as_chat:
         stream = Session(model, system=system, params=params).send(prompt)
     else:
@@ -39,11 +40,11 @@ def run(prompt: str, as_chat: bool, system: str | None, as_json: bool, **opts: A
         last = event
     stats = last.stats if last else None
     if as_json:
-        click.echo(json.dumps({
+        print_json({
             "model": plan.artifact.label, "text": "".join(pieces),
             "finish_reason": last.finish_reason if last else None,
             "stats": stats.to_dict() if stats else None,
-        }))
+        })
     else:
         sys.stdout.write("\n")
     if opts["stats"] and stats:
@@ -53,16 +54,18 @@ def run(prompt: str, as_chat: bool, system: str | None, as_json: bool, **opts: A
 
 @click.command()
 @model_options
+@JSON_SCHEMA
 @click.option("--system", default=None, help="System prompt.")
 def chat(system: str | None, **opts: Any) -> None:
     """Chat with a model in the terminal (one message per line when piped)."""
     from edge_runtime.cli.chat_loop import ChatLoop
     from edge_runtime.session import Session
 
+    params = sampling_params(opts)
     model, plan = load_planned(opts)
     interactive = sys.stdin.isatty()
     notice = functools.partial(click.echo, err=True)
-    session = Session(model, system=system, params=sampling_params(opts),
+    session = Session(model, system=system, params=params,
                       on_notice=lambda msg: notice(f"note: {msg}"))
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -14,8 +17,11 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("edgert_requests", "Completion requests by endpoint and HTTP status",
+        self.requests = Counter("edgert_requests", "Requests by endpoint and HTTP status (refused ones too)",
                                 ["endpoint", "status"], registry=r)
+        self.header_timeouts = Counter("edgert_header_timeouts",
+                                       "Connections closed for not sending a whole request head in time",
+                                       registry=r)
         self.prompt_tokens = Counter("edgert_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.cached_tokens = Counter("edgert_cached_prompt_tokens",
                                      "Prompt tokens served from the KV cache (prefix reuse)", registry=r)
@@ -44,3 +50,38 @@ class ServerMetrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+# The label of each route in ``edgert_requests``; any other path counts as "other", so a client
+# that makes up paths cannot make up label values.
+ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/models": "models",
+             "/health": "health", "/metrics": "metrics"}
+
+
+class RequestCounter:
+    """ASGI middleware counting every request by endpoint and the status it was answered with.
+
+    It sits outside every other check, so 401, 403 and 404 answers count as well; a request the
+    application failed on before answering counts as the 500 Starlette then sends.
+    """
+
+    def __init__(self, app: Any, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def noting_status(message: MutableMapping[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, noting_status)
+        finally:
+            self.metrics.requests.labels(ENDPOINTS.get(scope["path"], "other"), str(status)).inc()
