@@ -5,6 +5,8 @@
 # in ./bin/<tool>, with the version it came from in ./bin/<tool>.version.
 #
 # Usage: scripts/build_llama_tools.sh [--force] [llama-bench] [llama-perplexity]   (default: both)
+#        scripts/build_llama_tools.sh --sources   only fetch the sources; print their folder
+#                                                 (scripts/enable_rpc.sh builds from them too)
 #
 # Environment:
 #   PYTHON=...               the interpreter whose llama-cpp-python version is matched
@@ -21,13 +23,15 @@ log() { printf 'build_llama_tools: %s\n' "$*" >&2; }
 die() { printf 'build_llama_tools: error: %s\n' "$*" >&2; exit 1; }
 
 force=0
+sources_only=0
 tools=()
 for arg in "$@"; do
     case "$arg" in
         --force) force=1 ;;
+        --sources) sources_only=1 ;;
         llama-bench|llama-perplexity) tools+=("$arg") ;;
-        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) die "unknown argument '$arg' (tools: llama-bench, llama-perplexity; option: --force)" ;;
+        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) die "unknown argument '$arg' (tools: llama-bench, llama-perplexity; options: --force, --sources)" ;;
     esac
 done
 [[ ${#tools[@]} -gt 0 ]] || tools=(llama-bench llama-perplexity)
@@ -39,11 +43,12 @@ if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
 command -v "$PYTHON" >/dev/null 2>&1 || die "no Python interpreter '$PYTHON' (set PYTHON=...)"
-for tool in cmake tar; do
-    command -v "$tool" >/dev/null 2>&1 || die "'$tool' is not installed; install it and re-run"
-done
-command -v c++ >/dev/null 2>&1 || command -v g++ >/dev/null 2>&1 || command -v clang++ >/dev/null 2>&1 \
-    || die "no C++ compiler found (install g++ or clang)"
+command -v tar >/dev/null 2>&1 || die "'tar' is not installed; install it and re-run"
+if [[ $sources_only -eq 0 ]]; then
+    command -v cmake >/dev/null 2>&1 || die "'cmake' is not installed; install it and re-run"
+    command -v c++ >/dev/null 2>&1 || command -v g++ >/dev/null 2>&1 || command -v clang++ >/dev/null 2>&1 \
+        || die "no C++ compiler found (install g++ or clang)"
+fi
 
 version="$("$PYTHON" -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))' 2>/dev/null)" \
     || die "llama-cpp-python is not installed for $PYTHON (set PYTHON=... to the right venv)"
@@ -51,6 +56,7 @@ stamp_text="llama-cpp-python==$version"
 
 bin_dir="$repo_root/bin"
 todo=()
+[[ $sources_only -eq 0 ]] || tools=()
 for tool in "${tools[@]}"; do
     if [[ $force -eq 0 && -x "$bin_dir/$tool" && -f "$bin_dir/$tool.version" \
           && "$(cat "$bin_dir/$tool.version")" == "$stamp_text" ]]; then
@@ -59,7 +65,7 @@ for tool in "${tools[@]}"; do
         todo+=("$tool")
     fi
 done
-[[ ${#todo[@]} -gt 0 ]] || exit 0
+[[ ${#todo[@]} -gt 0 || $sources_only -eq 1 ]] || exit 0
 
 work="$repo_root/build/llama.cpp/$version"
 src="$work/src"
@@ -87,6 +93,10 @@ if [[ ! -f "$src/vendor/llama.cpp/CMakeLists.txt" ]]; then
     rm -rf "$src"
     mv "$top" "$src"
     rm -rf "$unpacked" "$dl"
+fi
+if [[ $sources_only -eq 1 ]]; then
+    printf '%s\n' "$src"
+    exit 0
 fi
 
 jobs="$(nproc 2>/dev/null || echo 2)"

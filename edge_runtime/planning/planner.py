@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_runtime import backends as registry
 from edge_runtime.backends.base import Availability, Settings
@@ -19,6 +19,10 @@ from edge_runtime.errors import BackendUnavailableError, DoesNotFitError, EdgeRu
 from edge_runtime.models.artifact import Artifact
 from edge_runtime.planning.memory import MemoryEstimate
 from edge_runtime.planning.profiles import DeviceProfile
+from edge_runtime.planning.split import WorkerShare, split_over, usable_bytes, worker_shares
+
+if TYPE_CHECKING:
+    from edge_runtime.backends.llamacpp.rpc import WorkerDevice
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -37,6 +41,8 @@ class PlanRequest:
     n_gpu_layers: int | None = None
     n_parallel: int = 1
     kv_cache_type: str | None = None
+    force: bool = False  # when nothing fits, take the first candidate anyway (--force)
+    workers: tuple[WorkerDevice, ...] = ()  # llama.cpp RPC workers' devices to offload layers to
 
 
 @dataclass(frozen=True)
@@ -63,8 +69,11 @@ class Plan:
     profile: str
     reasons: tuple[str, ...]
     rejected: tuple[Rejection, ...] = field(default=())
+    workers: tuple[WorkerShare, ...] = ()  # where a split model's offloaded layers go
 
     def to_dict(self) -> dict[str, Any]:
+        """The plan as ``edgert plan --json`` prints it (``workers`` only for a split model)."""
+        workers = {"workers": [w.to_dict() for w in self.workers]} if self.workers else {}
         return {
             "backend": self.backend,
             "artifact": self.artifact.to_dict(),
@@ -74,6 +83,7 @@ class Plan:
             "profile": self.profile,
             "reasons": list(self.reasons),
             "rejected": [r.to_dict() for r in self.rejected],
+            **workers,
         }
 
 
@@ -98,15 +108,36 @@ def choose_plan(
     profile: DeviceProfile,
     request: PlanRequest | None = None,
 ) -> Plan:
-    """The best plan for these artifacts here; raises ``DoesNotFitError`` when none fits."""
+    """The best plan for these artifacts here; raises ``DoesNotFitError`` when none fits.
+
+    With ``request.force``, when none fits, the first candidate is planned anyway with the
+    settings asked for, and its reasons say by how much it misses the budget.
+    """
     request = request or PlanRequest()
     if not artifacts:
         raise EdgeRuntimeError("there is no artifact to plan for")
+    try:
+        return _choose(artifacts, device, profile, request, overcommit=False)
+    except DoesNotFitError:
+        if not request.force:
+            raise
+        return _choose(artifacts, device, profile, request, overcommit=True)
+
+
+def _choose(artifacts: list[Artifact], device: DeviceInfo, profile: DeviceProfile, request: PlanRequest,
+            *, overcommit: bool) -> Plan:
     budget = memory_budget(device, profile)
     rejected: list[Rejection] = []
     suggestions: list[str] = []
     for name in _backend_order(profile, request):
         spec = registry.backend_spec(name)
+        if request.workers and name != "llama.cpp":
+            why = "--workers splits GGUF models on llama.cpp only"
+            if request.backend is not None:
+                raise BackendUnavailableError(f"the {name} backend cannot use workers: {why}",
+                                              "drop --backend, or --workers")
+            rejected.append(Rejection(name, None, why))
+            continue
         availability = _availability(device, name)
         if not availability.available:
             why = f"not available here: {availability.reason or 'not installed'}"
@@ -122,7 +153,8 @@ def choose_plan(
             continue
         for artifact, rung_reason in _ladder_order(candidates, profile):
             try:
-                settings, memory, fit_reasons = _fit(artifact, availability, device, profile, request, budget)
+                settings, memory, fit_reasons, shares = _fit(artifact, availability, device, profile, request,
+                                                             budget, overcommit)
             except _NoFit as miss:
                 rejected.append(Rejection(name, artifact.label, miss.why))
                 if miss.suggestion:
@@ -138,7 +170,8 @@ def choose_plan(
                 f"memory: est. {_fmt(memory.total_bytes)} of {_fmt(budget)} budget "
                 f"({_fmt(device.memory.available_bytes or 0)} available − {_fmt(profile.headroom_bytes)} headroom)",
             ]
-            return Plan(name, artifact, settings, memory, budget, profile.id, tuple(reasons), tuple(rejected))
+            return Plan(name, artifact, settings, memory, budget, profile.id, tuple(reasons), tuple(rejected),
+                        shares)
     raise _does_not_fit(rejected, suggestions, budget)
 
 
@@ -179,7 +212,8 @@ def _fit(
     profile: DeviceProfile,
     request: PlanRequest,
     budget: int,
-) -> tuple[Settings, MemoryEstimate, list[str]]:
+    overcommit: bool = False,
+) -> tuple[Settings, MemoryEstimate, list[str], tuple[WorkerShare, ...]]:
     estimate, n_ctx_model, n_layer = _estimator(artifact, device, profile, request)
     reasons: list[str] = []
     threads = request.threads or profile.threads or device.cpu.performance_cores or device.cpu.physical_cores or 1
@@ -192,18 +226,21 @@ def _fit(
         want = min(profile.default_ctx, n_ctx_model)
         reasons.append(f"ctx {want}: profile default (model context {n_ctx_model})")
     # Only GGUF layers can be offloaded layer by layer; other formats pick their device at load.
-    gpu = _usable_gpu(device, availability, profile, request) if artifact.format == "gguf" else None
+    # Workers, when given, take the offloaded layers instead of a local GPU.
+    workers = request.workers if artifact.format == "gguf" else ()
+    gpu = _usable_gpu(device, availability, profile, request) if artifact.format == "gguf" and not workers else None
+    offload_budget = sum(usable_bytes(w) for w in workers) if workers else _vram_budget(gpu) if gpu else 0
     kv = request.kv_cache_type or profile.kv_cache_type
 
     def fits(n_ctx: int, gpu_layers: int) -> bool:
         est = estimate(n_ctx, gpu_layers)
         if gpu is not None and gpu.unified_memory:
             return est.total_bytes + est.vram_bytes <= budget  # one pool for both
-        vram_ok = gpu is None or est.vram_bytes <= _vram_budget(gpu)
-        return est.total_bytes <= budget and vram_ok
+        offload_ok = (gpu is None and not workers) or est.vram_bytes <= offload_budget
+        return est.total_bytes <= budget and offload_ok
 
     def best_gpu_layers(n_ctx: int) -> int:
-        if gpu is None:
+        if gpu is None and not workers:
             return 0
         if request.n_gpu_layers is not None:
             return request.n_gpu_layers
@@ -218,22 +255,35 @@ def _fit(
         largest = _largest_fitting_ctx(lambda c: fits(c, best_gpu_layers(c)), want)
         need = estimate(want, gpu_layers).total_bytes
         why = f"needs {_fmt(need)} at ctx {want}, the budget is {_fmt(budget)}"
-        if largest is None:
+        if overcommit:
+            reasons.append(f"--force: loaded although it {why}")
+        elif largest is None:
             raise _NoFit(why, None)
-        if request.ctx is not None:
+        elif request.ctx is not None:
             raise _NoFit(why, f"--ctx {largest} fits with {artifact.label}")
-        reasons.append(f"ctx lowered from {want} to {largest} to fit the memory budget")
-        n_ctx, gpu_layers = largest, best_gpu_layers(largest)
+        else:
+            reasons.append(f"ctx lowered from {want} to {largest} to fit the memory budget")
+            n_ctx, gpu_layers = largest, best_gpu_layers(largest)
     memory = estimate(n_ctx, gpu_layers)
     if gpu is not None:
         reasons.append(f"gpu layers {gpu_layers} of {n_layer + 1} on {gpu.name} "
                        f"(est. {_fmt(memory.vram_bytes)} of {_fmt(_vram_budget(gpu))} usable VRAM)")
+    if workers and gpu_layers == 0:  # a split with nothing on the workers is a local model
+        reasons.append("workers: not one layer fits in the memory they may use; all stay on this CPU")
+        workers = ()
+    shares = worker_shares(workers, n_layer, gpu_layers) if workers else ()
+    if shares:
+        reasons.append(f"layers: {n_layer + 1 - sum(s.layers for s in shares)} of {n_layer + 1} on this CPU, "
+                       + ", ".join(f"{s.layers} on {s.endpoint}" for s in shares)
+                       + f" (est. {_fmt(memory.vram_bytes)} there, split by what each may hold)")
     settings = Settings(
         n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=profile.n_batch,
         n_ubatch=profile.n_batch, n_gpu_layers=gpu_layers, flash_attn=True, type_k=kv, type_v=kv,
         use_mmap=True, n_parallel=request.n_parallel,
+        rpc_servers=tuple(dict.fromkeys(w.endpoint for w in workers)),
+        tensor_split=split_over(workers) if workers else (),
     )
-    return settings, memory, reasons
+    return settings, memory, reasons, shares
 
 
 def _estimator(
