@@ -18,9 +18,14 @@ MEMORY_TOLERANCE = 1.15  # measured peak RSS increase may exceed the plan's esti
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("edgert", "edge-runtime device tests")
-    group.addoption("--edgert-model", default=None, help="model to check (default: the planner's choice)")
+    from edge_runtime.models import MODEL_HELP
+
+    group.addoption("--edgert-model", default=None, help=f"The model to check. {MODEL_HELP}")
     group.addoption("--edgert-out", default="edgert-device-test", help="folder for bench.json and the report")
     group.addoption("--edgert-reps", type=int, default=3, help="bench repetitions")
+    group.addoption("--edgert-gen-tokens", type=int, default=GEN_TOKENS, help="tokens the bench decodes")
+    group.addoption("--edgert-prompt-tokens", default=",".join(map(str, PROMPT_TOKENS)),
+                    help="prompt lengths the bench measures, comma-separated")
 
 
 @dataclass(frozen=True)
@@ -30,20 +35,24 @@ class SuiteOptions:
     model: str | None
     out: Path
     reps: int
+    gen_tokens: int = GEN_TOKENS
+    prompt_tokens: tuple[int, ...] = PROMPT_TOKENS
 
 
 @pytest.fixture(scope="session")
 def options(request: pytest.FixtureRequest) -> SuiteOptions:
-    return SuiteOptions(model=request.config.getoption("--edgert-model"),
-                        out=Path(request.config.getoption("--edgert-out")),
-                        reps=max(1, int(request.config.getoption("--edgert-reps"))))
+    get = request.config.getoption
+    prompts = tuple(sorted(int(p) for p in str(get("--edgert-prompt-tokens")).split(",") if p.strip()))
+    return SuiteOptions(model=get("--edgert-model"), out=Path(get("--edgert-out")),
+                        reps=max(1, int(get("--edgert-reps"))), gen_tokens=max(2, int(get("--edgert-gen-tokens"))),
+                        prompt_tokens=tuple(p for p in prompts if p > 0) or PROMPT_TOKENS)
 
 
 @pytest.fixture(scope="session")
 def device() -> Any:
-    from edge_runtime.device.info import detect
+    import edge_runtime
 
-    return detect()
+    return edge_runtime.detect()
 
 
 @pytest.fixture(scope="session")
@@ -55,19 +64,18 @@ def profile(device: Any) -> Any:
 
 @pytest.fixture(scope="session")
 def plan(options: SuiteOptions, device: Any, profile: Any) -> Any:
-    """What ``edgert plan`` chooses for the model on this device."""
-    from edge_runtime.models.spec import find_artifacts
-    from edge_runtime.planning.planner import choose_plan
+    """What ``edgert plan`` chooses for the model on this device (the matched profile)."""
+    import edge_runtime
 
-    return choose_plan(find_artifacts(options.model), device, profile)
+    return edge_runtime.plan(options.model, device=device, profile=profile)
 
 
 @pytest.fixture(scope="session")
 def model(plan: Any) -> Any:
     """The planned artifact, loaded with the plan's settings (in this process)."""
-    from edge_runtime.backends import load_backend
+    from edge_runtime.backends import open_artifact
 
-    loaded = load_backend(plan.backend).load(plan.artifact.path, plan.settings)
+    loaded = open_artifact(plan.artifact, plan.settings, backend=plan.backend)
     yield loaded
     loaded.close()
 
@@ -79,45 +87,45 @@ def bench_result(options: SuiteOptions, plan: Any) -> dict[str, Any]:
     from edge_runtime.files import atomic_write
 
     # The plan's own context, unless it is too short for the longest prompt (a tight memory fit).
-    need = max(PROMPT_TOKENS[-1] + 2, PROMPT_TOKENS[0] + GEN_TOKENS + 1)
+    prompts, gen = options.prompt_tokens, options.gen_tokens
+    need = max(prompts[-1] + 2, prompts[0] + gen + 1)
     request = BenchRequest(models=(plan.artifact.path,), backends=(plan.backend,),
                            threads=(plan.settings.n_threads,) if plan.settings.n_threads else (),
-                           ctx=max(plan.settings.n_ctx, need), prompt_tokens=PROMPT_TOKENS, gen_tokens=GEN_TOKENS,
+                           ctx=max(plan.settings.n_ctx, need), prompt_tokens=prompts, gen_tokens=gen,
                            reps=options.reps, warmup=1)
     doc = run_bench(request).to_dict()
     atomic_write(options.out / "bench.json", json.dumps(doc, indent=1, allow_nan=False) + "\n")
     return doc
 
 
-@dataclass(frozen=True)
-class Reference:
-    """The manifest's greedy continuations of fixed prompts by the unquantized artifact."""
 
-    artifact: str | None  # file name of the artifact that wrote them
-    artifact_sha256: str | None
-    max_tokens: int | None
-    add_bos: bool | None
-    cases: tuple[dict[str, Any], ...]  # {"prompt", "continuation", "tokens"?}
+# The verdict (verdict.py): what each check is, and how it went, in the order the checks ran.
+_TITLES: dict[str, str] = {}
+_OUTCOMES: dict[str, Any] = {}
 
 
-def reference_for(artifact_path: str) -> tuple[Reference | None, str]:
-    """The reference in the manifest beside the artifact (checked by ``read_manifest``), or why none.
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    from edge_runtime.device_tests.verdict import check_title
 
-    The manifest's ``reference`` is what ``edgert convert`` writes: ``artifact``,
-    ``artifact_sha256``, ``max_tokens``, ``add_bos`` and ``prompts`` (each ``prompt``,
-    ``continuation`` and the continuation's ``tokens``).
-    """
-    from edge_runtime.models.manifest import has_manifest, read_manifest
+    _TITLES.update((item.nodeid, check_title(item)) for item in items)
 
-    folder = Path(artifact_path).parent
-    if not has_manifest(folder):
-        return None, "the artifact has no manifest.json beside it (not a convert output)"
-    ref = read_manifest(folder, check_files=False).reference  # a damaged manifest fails the test
-    if not isinstance(ref, dict) or not isinstance(ref.get("prompts"), list) or not ref["prompts"]:
-        return None, f"{folder / 'manifest.json'} records no reference continuations"
-    cases = tuple(p for p in ref["prompts"] if isinstance(p, dict)
-                  and isinstance(p.get("prompt"), str) and isinstance(p.get("continuation"), str))
-    if not cases:
-        return None, f"{folder / 'manifest.json'}: no reference entry has a prompt and a continuation"
-    return Reference(ref.get("artifact"), ref.get("artifact_sha256"), ref.get("max_tokens"), ref.get("add_bos"),
-                     cases), ""
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    from edge_runtime.device_tests.verdict import outcome_of
+
+    outcome = outcome_of(_TITLES.get(report.nodeid, report.nodeid), report, _OUTCOMES.get(report.nodeid))
+    if outcome is not None:
+        _OUTCOMES[report.nodeid] = outcome
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """Print the verdict and write it to ``verdict.md`` in the output folder."""
+    from edge_runtime.device_tests.verdict import format_verdict, write_verdict
+
+    if not _OUTCOMES:
+        return
+    text = format_verdict(list(_OUTCOMES.values()))
+    path = write_verdict(text, Path(config.getoption("--edgert-out")))
+    terminalreporter.write_sep("=", "verdict")
+    terminalreporter.write_line(text.rstrip())
+    terminalreporter.write_line(f"(written to {path})")

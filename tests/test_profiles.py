@@ -65,8 +65,8 @@ def test_every_shipped_profile_validates(profile_id: str, shipped: dict[str, Dev
     assert p.quant_ladder("gguf"), "every profile ranks GGUF quants"
     assert 0 < p.default_ctx <= p.max_ctx
     assert p.n_batch > 0 and p.headroom_bytes > 0
-    assert p.floor.decode_tok_s > 0 and p.floor.source.startswith("estimate")
-    assert p.floor.quant in p.quant_ladder(p.floor.format)
+    assert p.floor.has_figures and p.floor.source.startswith("estimate")
+    assert p.floor.compute_gflops and p.floor.cores and 0 < (p.floor.efficiency or 0) <= 1
     # Where the numbers come from is written next to them.
     assert (PROFILES_DIR / f"{profile_id}.toml").read_text().startswith("#")
     # JSON round trip (what `edgert profiles list --json` prints).
@@ -115,7 +115,7 @@ def variant(old: str, new: str, profile_id: str = "mine") -> str:
         ('order = ["llama.cpp", "onnx", "tflite"]', 'order = ["llamacpp"]',
          ["key 'backends.order'", "llama.cpp, onnx, tflite"]),
         ("gpu_offload = false", "gpu_offload = \"no\"", ["key 'settings.gpu_offload'", "true or false"]),
-        ("decode_tok_s = 10.0", "decode_tok_s = 0", ["key 'floor.decode_tok_s'", "positive number"]),
+        ("efficiency = 0.5", "efficiency = 1.5", ["key 'floor.efficiency'", "at most 1"]),
         ("[match]\n", "[match]\nram_min_gb = 4\n", ["unknown key 'match.ram_min_gb'", "ram_min_gib"]),
         ("[match]\n", "[match]\nboard = '(unclosed'\n", ["key 'match.board'", "regular expression"]),
         ("[match]\n", "[match]\nram_min_gib = 8\nram_max_gib = 4\n",

@@ -14,6 +14,7 @@ from pathlib import PurePath
 from typing import Any
 
 from edge_runtime.errors import EdgeRuntimeError, InvalidConfigError
+from edge_runtime.planning.floor import PROCESSORS
 
 # Names a profile may use. Backends are matched by the planner against the registry in
 # backends/__init__.py; these are the built-in ones, listed here so a typo is an error at load
@@ -161,6 +162,49 @@ def _parse_quants(t: _Table) -> dict[str, tuple[str, ...]]:
     return quants
 
 
+def _parse_floor(t: _Table) -> dict[str, Any]:
+    """The class figures the decode floor is computed from (``planning/floor.py``), and overrides."""
+    positive = "a positive number"
+    floor = {
+        "bandwidth_gbs": float(t.get("bandwidth_gbs", f"{positive} of GB/s (sustained read bandwidth)",
+                                     lambda v: _is_number(v) and v > 0)),  # fmt: skip
+        "compute_gflops": float(t.get("compute_gflops", f"{positive} of GFLOPS (sustained in llama.cpp)",
+                                      lambda v: _is_number(v) and v > 0)),  # fmt: skip
+        "min_token_ms": float(t.get("min_token_ms", "a number of milliseconds >= 0",
+                                    lambda v: _is_number(v) and v >= 0, required=False) or 0),  # fmt: skip
+        "efficiency": float(t.get("efficiency", "a fraction of the roofline above 0 and at most 1",
+                                  lambda v: _is_number(v) and 0 < v <= 1)),  # fmt: skip
+        "cores": t.get("cores", "a positive integer", lambda v: _is_int(v) and v > 0),
+        "core_class": t.get("core_class", "a string such as \"Cortex-A76 @ 2.4 GHz\"",
+                            lambda v: isinstance(v, str) and v.strip()),  # fmt: skip
+        "processor": t.get("processor", f"one of {', '.join(PROCESSORS)}", lambda v: v in PROCESSORS,
+                           required=False) or "cpu",  # fmt: skip
+        "source": t.get("source", "a string saying where the figures come from",
+                        lambda v: isinstance(v, str) and v.strip()),  # fmt: skip
+    }
+    tables = t.get("override", "a list of [[floor.override]] tables",
+                   lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v), required=False)  # fmt: skip
+    floor["overrides"] = [_parse_override(_Table(t.path, f"floor.override[{i}]", item))
+                          for i, item in enumerate(tables or [])]  # fmt: skip
+    t.finish()
+    return floor
+
+
+def _parse_override(o: _Table) -> dict[str, Any]:
+    override = {
+        "model": o.get("model", "a model name", lambda v: isinstance(v, str) and v),
+        "format": o.get("format", f"one of {', '.join(KNOWN_FORMATS)}", lambda v: v in KNOWN_FORMATS),
+        "quant": o.get("quant", "a quant type such as \"Q4_0\"", lambda v: isinstance(v, str) and v),
+        "decode_tok_s": float(o.get("decode_tok_s", "a positive number of tokens per second",
+                                    lambda v: _is_number(v) and v > 0)),  # fmt: skip
+        "n_ctx": o.get("n_ctx", "a positive integer", lambda v: _is_int(v) and v > 0),
+        "source": o.get("source", "a string saying where the number comes from",
+                        lambda v: isinstance(v, str) and v.strip()),  # fmt: skip
+    }
+    o.finish()
+    return override
+
+
 def parse_profile(path: str, raw: bytes) -> dict[str, Any]:
     """Parse and validate one profile file; the result holds ``DeviceProfile``'s fields."""
     top = _Table(path, "", _load_toml(path, raw))
@@ -199,20 +243,7 @@ def parse_profile(path: str, raw: bytes) -> dict[str, Any]:
                         required=False)  # fmt: skip
     s.finish()
 
-    f = top.table("floor")
-    floor = {
-        "model": f.get("model", "a model name", lambda v: isinstance(v, str) and v),
-        "format": f.get("format", f"one of {', '.join(KNOWN_FORMATS)}",
-                        lambda v: v in KNOWN_FORMATS),  # fmt: skip
-        "quant": f.get("quant", "a quant type such as \"Q4_0\"",
-                       lambda v: isinstance(v, str) and v),  # fmt: skip
-        "decode_tok_s": float(f.get("decode_tok_s", "a positive number of tokens per second",
-                                    lambda v: _is_number(v) and v > 0)),  # fmt: skip
-        "n_ctx": f.get("n_ctx", positive, lambda v: _is_int(v) and v > 0),
-        "source": f.get("source", "a string saying where the number comes from",
-                        lambda v: isinstance(v, str) and v.strip()),  # fmt: skip
-    }
-    f.finish()
+    floor = _parse_floor(top.table("floor"))
     top.finish()
     return {
         "id": profile_id,

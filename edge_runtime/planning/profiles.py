@@ -21,6 +21,7 @@ from typing import Any
 
 from edge_runtime.device.info import DeviceInfo
 from edge_runtime.errors import EdgeRuntimeError, InvalidConfigError
+from edge_runtime.planning.floor import DecodeFloor, ModelFloor
 from edge_runtime.planning.profile_schema import parse_profile
 
 GIB = 1024**3
@@ -49,18 +50,6 @@ class MatchRules:
 
 
 @dataclass(frozen=True)
-class DecodeFloor:
-    """The decode speed the device should reach with its recommended artifact (an estimate)."""
-
-    model: str  # "Llama-3.2-1B-Instruct"
-    format: str  # "gguf"
-    quant: str  # "Q4_0"
-    decode_tok_s: float
-    n_ctx: int
-    source: str  # where the number comes from
-
-
-@dataclass(frozen=True)
 class DeviceProfile:
     """Preferences and limits for one device class; the planner reads these."""
 
@@ -78,7 +67,7 @@ class DeviceProfile:
     n_batch: int
     kv_cache_type: str  # llama.cpp type_k/type_v: "f16", "q8_0", ...
     gpu_offload: bool  # offload layers to the GPU when the backend can
-    floor: DecodeFloor
+    floor: DecodeFloor  # what a healthy device of the class has: the decode floor of any model
     path: str | None = field(default=None, compare=False)  # file it was loaded from
 
     def quant_ladder(self, fmt: str) -> tuple[str, ...]:
@@ -110,7 +99,7 @@ class DeviceProfile:
             n_batch=int(data["n_batch"]),
             kv_cache_type=data["kv_cache_type"],
             gpu_offload=bool(data["gpu_offload"]),
-            floor=DecodeFloor(**data["floor"]),
+            floor=DecodeFloor.from_dict(data["floor"]),
             path=data.get("path"),
         )
 
@@ -176,7 +165,9 @@ def _parse_all(entries: Iterable[tuple[str, bytes]]) -> dict[str, DeviceProfile]
     for path, raw in entries:
         fields = parse_profile(path, raw)
         fields["match"] = MatchRules(**fields["match"])
-        fields["floor"] = DecodeFloor(**fields["floor"])
+        floor = dict(fields["floor"])
+        overrides = tuple(ModelFloor(**o) for o in floor.pop("overrides"))
+        fields["floor"] = DecodeFloor(**floor, overrides=overrides)
         profile = DeviceProfile(**fields, path=path)
         if profile.id in found:
             raise InvalidConfigError(
@@ -358,7 +349,7 @@ def format_profile_table(
             ",".join(p.backends),
             p.quant_ladder("gguf")[0] if p.quant_ladder("gguf") else "-",
             f"{p.default_ctx}/{p.max_ctx}",
-            f"{p.floor.decode_tok_s:g} tok/s",
+            f"{p.floor.bandwidth_gbs:g} GB/s × {p.floor.efficiency:.0%}",
             _match_summary(p.match),
         ))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
@@ -382,9 +373,11 @@ def format_profile(profile: DeviceProfile) -> str:
         ("batch", str(p.n_batch)),
         ("kv cache", p.kv_cache_type),
         ("gpu", "offload layers when possible" if p.gpu_offload else "CPU only"),
-        ("floor", f"{f.decode_tok_s:g} tok/s decode · {f.model} {f.quant} ({f.format}) "
-                  f"at ctx {f.n_ctx}"),  # fmt: skip
+        ("class", f"{f.cores} × {f.core_class} ({f.processor.upper()} figures)"),
+        ("floor", f"{f.summary} (any model's floor: the efficiency × its lowest ceiling)"),
         ("source", f.source),
+        *(("override", f"{o.model} {o.quant} ({o.format}) ≥ {o.decode_tok_s:g} tok/s at ctx {o.n_ctx}: {o.source}")
+          for o in f.overrides),
     ]
     return "\n".join(f"{label:<12} {value}" for label, value in rows)
 
