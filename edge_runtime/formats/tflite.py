@@ -14,10 +14,12 @@ and the planner learns the context (the KV length) without importing a runtime.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import re
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,6 +133,13 @@ class TfliteLayout:
 
 def read_tflite_layout(path: str | Path) -> TfliteLayout:
     """Check a .tflite file and describe its decoder signatures; bad files raise one-line errors."""
+    with mapped_tflite(path) as model:
+        return _describe(Path(path), model)
+
+
+@contextlib.contextmanager
+def mapped_tflite(path: str | Path) -> Iterator[_FlatModel]:
+    """The file mapped for reading as a FlatBuffer model; a missing, short or unreadable file is one line."""
     p = Path(path)
     try:
         with p.open("rb") as fh:
@@ -138,7 +147,7 @@ def read_tflite_layout(path: str | Path) -> TfliteLayout:
             if size < 8:
                 raise InvalidModelFileError(f"{p.name}: too short to be a TFLite model ({size} bytes)")
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as view:
-                return _describe(p, _FlatModel(p.name, view, size))
+                yield _FlatModel(p.name, view, size)
     except FileNotFoundError:
         raise ModelNotFoundError(f"{p}: no such file") from None
     except IsADirectoryError:

@@ -12,12 +12,10 @@ table. It costs a walk of every table, so it runs once for a new file (``deep_ch
 
 from __future__ import annotations
 
-import mmap
 import struct
 from pathlib import Path
 
-from edge_runtime.errors import InvalidModelFileError
-from edge_runtime.formats.tflite import _FlatModel
+from edge_runtime.formats.tflite import _FlatModel, mapped_tflite
 
 # A field: a scalar's size in bytes, "str", ("vec", element size), ("tables", Table), ("table",
 # Table) or ("union", Union) (its type is the field before it).
@@ -115,18 +113,9 @@ _MAY_GIVE_NOTHING = {31, 32, 51, 118, 119, 129, 144, 173, 200, 206, 209}
 
 def verify_tflite(path: str | Path) -> None:
     """Verify a .tflite file's whole FlatBuffer and its indices; ``InvalidModelFileError`` if not."""
-    p = Path(path)
-    try:
-        with p.open("rb") as fh:
-            size = p.stat().st_size
-            if size < 8:
-                raise InvalidModelFileError(f"{p.name}: too short to be a TFLite model ({size} bytes)")
-            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as view:
-                model = _FlatModel(p.name, view, size)
-                _Verifier(model).table(model.root, "Model", 0)
-                _check_indices(model)
-    except OSError as exc:
-        raise InvalidModelFileError(f"{p}: cannot be read ({exc.strerror or exc})") from None
+    with mapped_tflite(path) as model:
+        _Verifier(model).table(model.root, "Model", 0)
+        _check_indices(model)
 
 
 class _Verifier:

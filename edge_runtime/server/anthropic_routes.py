@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from functools import partial, wraps
+from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.server.anthropic_wire import (
     error_body,
     matched_stop,
@@ -29,7 +28,7 @@ from edge_runtime.server.anthropic_wire import (
     usage,
 )
 from edge_runtime.server.requests import Answer, AnswerEvent, Finished, GenerationRequest, TextPiece, TokenLogprob
-from edge_runtime.server.runner import as_api_error, loaded_model, read_body, request_tokens, start
+from edge_runtime.server.runner import answering_errors, loaded_model, read_body, request_tokens, start
 from edge_runtime.server.state import ServerState
 from edge_runtime.server.tools import template_takes_tools
 from edge_runtime.server.wire import ApiError, new_id, parse_json_body
@@ -42,16 +41,7 @@ def anthropic_routes(state: ServerState) -> list[Route]:
             Route("/v1/messages/count_tokens", partial(_count_tokens, state), methods=["POST"])]
 
 
-def _anthropic_errors(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
-    """Answer a failure in Anthropic's error shape, with its status."""
-    @wraps(handler)
-    async def answer(*args: Any) -> Response:
-        try:
-            return await handler(*args)
-        except (ApiError, EdgeRuntimeError) as exc:
-            error = as_api_error(exc)
-            return JSONResponse(error_body(error), status_code=error.status, headers=error.headers)
-    return answer
+_anthropic_errors = answering_errors(error_body)  # Anthropic's error shape, with its status
 
 
 async def _request(state: ServerState, request: Request, counting: bool) -> tuple[GenerationRequest, int]:

@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
-from functools import partial, wraps
+from functools import partial
 from typing import Any
 
 from starlette.requests import Request
@@ -20,7 +20,6 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from edge_runtime.backends.base import Model
-from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.server.ollama_wire import (
     OLLAMA_VERSION,
     check_model,
@@ -34,7 +33,7 @@ from edge_runtime.server.ollama_wire import (
     streams,
 )
 from edge_runtime.server.requests import Answer, Finished, GenerationRequest, TextPiece
-from edge_runtime.server.runner import Generation, as_api_error, loaded_model, read_body, start
+from edge_runtime.server.runner import Generation, answering_errors, loaded_model, read_body, start
 from edge_runtime.server.state import ServerState
 from edge_runtime.server.wire import ApiError, parse_json_body
 
@@ -55,16 +54,8 @@ def ollama_routes(state: ServerState) -> list[Route]:
     ]
 
 
-def _ollama_errors(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
-    """Answer a failure as Ollama does: ``{"error": "..."}`` with the status."""
-    @wraps(handler)
-    async def answer(*args: Any) -> Response:
-        try:
-            return await handler(*args)
-        except (ApiError, EdgeRuntimeError) as exc:
-            error = as_api_error(exc)
-            return JSONResponse({"error": error.message}, status_code=error.status, headers=error.headers)
-    return answer
+# Ollama's error shape: ``{"error": "..."}`` with the status.
+_ollama_errors = answering_errors(lambda error: {"error": error.message})
 
 
 async def _root(state: ServerState, request: Request) -> Response:

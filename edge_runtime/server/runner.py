@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
+from functools import wraps
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
 
 from edge_runtime.backends.base import CancelToken, Model, SamplingParams, TokenEvent
 from edge_runtime.errors import ContextLengthExceededError, EdgeRuntimeError
@@ -57,6 +59,24 @@ def as_api_error(exc: BaseException) -> ApiError:
         retry = {"Retry-After": "2"} if exc.http_status == 503 else None
         return ApiError(exc.http_status, exc.message, type="server_error", code=exc.code, headers=retry)
     return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+
+
+Handler = Callable[..., Awaitable[Response]]
+
+
+def answering_errors(body: Callable[[ApiError], dict[str, Any]]) -> Callable[[Handler], Handler]:
+    """A route decorator for a wire format with its own error shape: a failure is answered with
+    ``body(error)``, the error's status and its headers."""
+    def decorate(handler: Handler) -> Handler:
+        @wraps(handler)
+        async def answer(*args: Any) -> Response:
+            try:
+                return await handler(*args)
+            except (ApiError, EdgeRuntimeError) as exc:
+                error = as_api_error(exc)
+                return JSONResponse(body(error), status_code=error.status, headers=error.headers)
+        return answer
+    return decorate
 
 
 def loaded_model(state: ServerState) -> tuple[Model, ChatFormatter]:

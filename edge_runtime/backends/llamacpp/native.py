@@ -178,13 +178,7 @@ class NativeContext:
         # tools keep only the window (much less memory) and so do we: the backend checks what
         # the window still holds before it reuses a prefix.
         params.swa_full = False
-        take_recent_errors()
-        ptr = _c.llama_init_from_model(model.ptr, params)
-        if not ptr:
-            why = take_recent_errors() or "llama.cpp could not create a context"
-            raise ModelLoadError(f"could not create a context of {params.n_ctx} tokens: {why}",
-                                 "try a smaller --ctx or another KV cache type")
-        self.ptr = ptr
+        self.ptr = ptr = _new_context(model, params, "a context", "try a smaller --ctx or another KV cache type")
         self.memory = _c.llama_get_memory(ptr)
         self.n_ctx = _c.llama_n_ctx(ptr)
         self.n_batch = settings.n_batch
@@ -250,13 +244,7 @@ class ScoringContext:
         params.n_threads, params.n_threads_batch = n_threads, n_threads_batch
         params.flash_attn_type = _c.LLAMA_FLASH_ATTN_TYPE_AUTO
         params.no_perf = True
-        take_recent_errors()
-        ptr = _c.llama_init_from_model(model.ptr, params)
-        if not ptr:
-            why = take_recent_errors() or "llama.cpp could not create a context"
-            raise ModelLoadError(f"could not create a scoring context of {n_ctx} tokens: {why}",
-                                 "try a smaller --ctx")
-        self.ptr = ptr
+        self.ptr = ptr = _new_context(model, params, "a scoring context", "try a smaller --ctx")
         self.memory = _c.llama_get_memory(ptr)
         self.batch = _c.llama_batch_init(self.n_batch, 0, 1)
 
@@ -297,6 +285,16 @@ def quantize(src: str, dst: str, *, ftype: int, nthread: int, allow_requantize: 
     params.allow_requantize = allow_requantize
     rc = _c.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
     return int(rc), take_recent_errors()
+
+
+def _new_context(model: NativeModel, params: _c.llama_context_params, what: str, hint: str) -> _c.llama_context_p:
+    """A llama.cpp context for ``model`` with ``params``, or a ModelLoadError saying what llama.cpp logged."""
+    take_recent_errors()
+    ptr = _c.llama_init_from_model(model.ptr, params)
+    if not ptr:
+        why = take_recent_errors() or "llama.cpp could not create a context"
+        raise ModelLoadError(f"could not create {what} of {params.n_ctx} tokens: {why}", hint)
+    return ptr
 
 
 def is_end_of_generation(vocab: object, token: int) -> bool:
