@@ -9,7 +9,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from test_gguf_file import BASE_DATA, BASE_INFOS, T_STRING, gguf_bytes, gstr, kv_array, kv_str, kv_u32
+from test_gguf_file import BASE_DATA, BASE_INFOS, T_STRING, gguf_bytes, gstr, kv_array, kv_str, kv_u32, tensor_info
 
 from edge_runtime.errors import InvalidModelFileError
 from edge_runtime.formats.deep_checks import check_deeply
@@ -52,6 +52,17 @@ def test_gguf_files_llama_cpp_aborts_on_are_refused(tmp_path, kvs, message):
     with pytest.raises(InvalidModelFileError, match=re.escape(message)) as info:
         check_deeply(path, "gguf")
     assert info.value.message.startswith(f"{path}: ") and "\n" not in info.value.message
+
+
+def test_a_weight_of_an_integer_type_is_refused(tmp_path):
+    """fuzz_formats.py (seed 2): a weight retyped I32 loaded, and the first token was a SIGSEGV."""
+    i32 = 26  # GGML_TYPE_I32
+    infos = [tensor_info("blk.0.attn_q.weight", [8, 2], i32, 0), BASE_INFOS[1]]
+    path = tmp_path / "m.gguf"
+    path.write_bytes(gguf_bytes([kv_str("general.architecture", "llama"), LAYERS], infos, BASE_DATA))
+    read_gguf_header(path)
+    with pytest.raises(InvalidModelFileError, match="tensor 'blk.0.attn_q.weight' holds I32, an integer type"):
+        check_deeply(path, "gguf")
 
 
 def test_a_real_gguf_model_passes(smollm2_path):

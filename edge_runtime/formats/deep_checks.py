@@ -9,6 +9,8 @@ again when it changes), not at every start, since they cost more than a header w
 - GGUF: a ``context_length`` past int32 (read back negative: a context of 2**31 tokens, which
   takes minutes to fail) and a negative or NaN norm epsilon (``GGML_ASSERT(eps >= 0.0f)`` at the
   first token).
+- GGUF: a weight stored as an integer type (I8 .. I64) loads, and the first matrix product on
+  it is a SIGSEGV (no kernel multiplies integer weights); no model llama.cpp runs has one.
 - TFLite: LiteRT reads the FlatBuffer without verifying it (a wild offset is a SIGSEGV), so the
   whole of it is verified first (``tflite_verify``).
 """
@@ -28,6 +30,7 @@ MAX_LAYERS, MAX_EXPERTS = 512, 1024  # llama.cpp's LLAMA_MAX_LAYERS, LLAMA_MAX_E
 MAX_CONTEXT = 2**31 - 1  # llama_model_n_ctx_train returns an int32: more reads back as negative
 EPSILONS = ("attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon")  # ggml asserts eps >= 0
 ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")
+INTEGER_TYPES = ("I8", "I16", "I32", "I64")  # ggml's integer tensor types: never a model weight
 
 
 def check_deeply(path: str | os.PathLike[str], fmt: str) -> None:
@@ -101,3 +104,6 @@ def _check_hyperparameters(header: GGUFHeader) -> None:
     scaling = header.arch_key("rope.scaling.type")
     if isinstance(scaling, str) and scaling not in ROPE_SCALING_TYPES:
         raise fail(f"rope.scaling.type {scaling[:40]!r} is not one of {', '.join(ROPE_SCALING_TYPES)}")
+    integer = next((t for t in header.tensors if t.type_name in INTEGER_TYPES), None)
+    if integer is not None:
+        raise fail(f"tensor {integer.name!r} holds {integer.type_name}, an integer type no weight has")
