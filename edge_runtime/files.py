@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -23,6 +24,10 @@ from typing import Any, BinaryIO
 
 from edge_runtime.errors import InvalidConfigError
 from edge_runtime.limits import MAX_JSON_DEPTH
+
+_JSON_STRING = re.compile(rb'"[^"]*"')
+_BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1, +1, -1, -1 as int8
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 # Read once at import (setting it is the only way to read it, and that is not thread-safe).
 _UMASK = os.umask(0o022)
@@ -180,6 +185,9 @@ def parse_json(data: bytes | str, source: str, hint: str | None = None, *, max_d
     per level, so a file of a hundred thousand brackets must stop here. The message names
     ``source`` and where the text breaks, never the text itself.
     """
+    raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
+    if json_depth(raw) > max_depth:
+        raise InvalidConfigError(f"{source}: JSON nested deeper than {max_depth} levels", hint)
     if isinstance(data, bytes):
         try:
             data = data.decode("utf-8")
@@ -191,22 +199,25 @@ def parse_json(data: bytes | str, source: str, hint: str | None = None, *, max_d
         cut = " (the file looks truncated)" if exc.pos >= len(data.rstrip()) - 1 and data.strip() else ""
         raise InvalidConfigError(f"{source}: not valid JSON at line {exc.lineno} column {exc.colno}: "
                                  f"{exc.msg}{cut}", hint) from None
-    except RecursionError:
+    except ValueError:  # an integer past Python's limit on digits
+        raise InvalidConfigError(f"{source}: not valid JSON: a number has too many digits", hint) from None
+    except RecursionError:  # malformed text the bracket count measured short; json.loads recursed
         raise InvalidConfigError(f"{source}: JSON nested deeper than {max_depth} levels", hint) from None
-    if _depth_exceeds(doc, max_depth):
-        raise InvalidConfigError(f"{source}: JSON nested deeper than {max_depth} levels", hint)
     return doc
 
 
-def _depth_exceeds(doc: Any, limit: int) -> bool:
-    """Whether ``doc`` nests lists and objects more than ``limit`` deep (walked without recursion)."""
-    stack = [(doc, 1)]
-    while stack:
-        node, depth = stack.pop()
-        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
-        if children is None:
-            continue
-        if depth > limit:
-            return True
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
-    return False
+def json_depth(raw: bytes) -> int:
+    """How deeply the arrays and objects of a JSON text nest, without recursing (0 for a scalar).
+
+    Strings are cut out first (escaped backslashes, then escaped quotes, then everything between
+    quotes), so brackets inside them do not count; then every opening bracket counts +1 and
+    every closing one -1, and the depth is the largest running sum. Malformed text may measure
+    oddly, but ``json.loads`` refuses it afterwards anyway.
+    """
+    import numpy as np
+
+    unquoted = _JSON_STRING.sub(b"", raw.replace(b"\\\\", b"").replace(b'\\"', b""))
+    steps = unquoted.translate(_BRACKET_STEPS, _NOT_BRACKETS)
+    if not steps:
+        return 0
+    return max(0, int(np.cumsum(np.frombuffer(steps, dtype=np.int8), dtype=np.int64).max()))

@@ -18,8 +18,9 @@ import psutil
 import pytest
 from test_server_safety import BASE_CONFIG, CHAT, metric, post_chat, requests_counted, serving, smollm2_loader
 
+from edge_runtime.files import json_depth
 from edge_runtime.local_server import LOOPBACK, free_port, running_server
-from edge_runtime.server.wire import MAX_JSON_DEPTH, json_depth
+from edge_runtime.server.wire import MAX_JSON_DEPTH
 
 MIB = 1 << 20
 

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import secrets
 import string
 from typing import Any
 
+from edge_runtime.files import json_depth
 from edge_runtime.limits import MAX_JSON_DEPTH
 
 MAX_STOP_SEQUENCES = 4
-_JSON_STRING = re.compile(rb'"[^"]*"')
-_BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1, +1, -1, -1 as int8
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 
 class ApiError(Exception):
@@ -60,23 +57,6 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     except UnicodeEncodeError:
         raise ApiError(400, "the body holds a lone UTF-16 surrogate escape, which is not valid Unicode") from None
     return data
-
-
-def json_depth(raw: bytes) -> int:
-    """How deeply the arrays and objects of a JSON text nest, without recursing (0 for a scalar).
-
-    Strings are cut out first (escaped backslashes, then escaped quotes, then everything between
-    quotes), so brackets inside them do not count; then every opening bracket counts +1 and
-    every closing one -1, and the depth is the largest running sum. Malformed text may measure
-    oddly, but ``json.loads`` refuses it afterwards anyway.
-    """
-    import numpy as np
-
-    unquoted = _JSON_STRING.sub(b"", raw.replace(b"\\\\", b"").replace(b'\\"', b""))
-    steps = unquoted.translate(_BRACKET_STEPS, _NOT_BRACKETS)
-    if not steps:
-        return 0
-    return max(0, int(np.cumsum(np.frombuffer(steps, dtype=np.int8), dtype=np.int64).max()))
 
 
 def field_value(data: dict[str, Any], name: str, types: type | tuple[type, ...], default: Any = None,
