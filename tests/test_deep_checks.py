@@ -178,3 +178,46 @@ def float_tokens(m: _FlatModel, data: bytearray) -> None:
 def test_a_tokens_input_that_is_not_int32_is_refused_by_the_layout_reader(tflite, tmp_path):
     with pytest.raises(InvalidModelFileError, match="the decode signature's tokens is float16, not int32"):
         read_tflite_layout(edited(tflite, tmp_path / "m", float_tokens))
+
+
+def _signature_tensor(m: _FlatModel, key: str, outputs: bool, name: str) -> int:
+    sig = next(s for s in m._tables(m.root, m.MODEL_SIGNATURES) if m._string(s, m.SIG_KEY) == key)
+    entries = m._tables(sig, m.SIG_OUTPUTS if outputs else m.SIG_INPUTS)
+    entry = next(e for e in entries if m._string(e, m.MAP_NAME) == name)
+    subgraph = m._tables(m.root, m.MODEL_SUBGRAPHS)[m._scalar(sig, m.SIG_SUBGRAPH, "I")]
+    return m._tables(subgraph, m.SUBGRAPH_TENSORS)[m._scalar(entry, m.MAP_INDEX, "I")]
+
+
+def headless_cache_output(m: _FlatModel, data: bytearray) -> None:
+    """A prefill signature's KV cache output with 0 heads (fuzz seed 2: a SIGFPE in LiteRT)."""
+    tensor = _signature_tensor(m, "prefill_8", True, "kv_cache_k_1")
+    struct.pack_into("<i", data, m._vector(m._ref(tensor, m.TENSOR_SHAPE))[0] + 8, 0)
+
+
+def shape_of_a_million_dimensions(m: _FlatModel, data: bytearray) -> None:
+    """A flipped bit in the length of a KV input's shape (fuzz seed 2: minutes walking it)."""
+    tensor = _signature_tensor(m, "decode", False, "kv_cache_v_1")
+    struct.pack_into("<I", data, m._ref(tensor, m.TENSOR_SHAPE), 262148)
+
+
+def test_tflite_files_the_layout_reader_refuses(tflite, tmp_path):
+    with pytest.raises(InvalidModelFileError, match=re.escape("kv_cache_k_1 is float32 [1, 128, 0, 16], unlike")):
+        read_tflite_layout(edited(tflite, tmp_path / "a", headless_cache_output))
+    with pytest.raises(InvalidModelFileError, match="has 262148 dimensions"):
+        read_tflite_layout(edited(tflite, tmp_path / "b", shape_of_a_million_dimensions))
+
+
+def gigabyte_activation(m: _FlatModel, data: bytearray) -> None:
+    """An operator's output of shape [1, 2**31 - 1] (fuzz seed 2: LiteRT zeroes 8 GiB at load)."""
+    _, op = first_operator(m, 9)  # FULLY_CONNECTED
+    s = next(i for i, sg in enumerate(m._tables(m.root, m.MODEL_SUBGRAPHS)) if op in m._tables(sg, 3))
+    tensors = m._tables(m._tables(m.root, m.MODEL_SUBGRAPHS)[s], m.SUBGRAPH_TENSORS)
+    output = tensors[struct.unpack_from("<i", data, m._vector(m._ref(op, 2))[0])[0]]
+    start, n = m._vector(m._ref(output, m.TENSOR_SHAPE))
+    struct.pack_into("<i", data, start + 4 * (n - 1), 2**31 - 1)
+
+
+def test_a_tensor_far_larger_than_the_model_is_refused(tflite, tmp_path):
+    path = edited(tflite, tmp_path / "m", gigabyte_activation)
+    with pytest.raises(InvalidModelFileError, match="more than any tensor of a 1 MiB model needs"):
+        check_deeply(path, "tflite")

@@ -34,6 +34,7 @@ INPUT_POS = "input_pos"
 LOGITS = "logits"
 KV_K = "kv_cache_k_{layer}"
 KV_V = "kv_cache_v_{layer}"
+MAX_RANK = 8  # dimensions a tensor may have (TFLite's kernels take at most 6)
 _KV_NAME = re.compile(r"^kv_cache_([kv])_(\d+)$")
 
 # Files written beside every .tflite: the tokenizer (TOKENIZER_FILE, ``tokenizers`` format), its
@@ -167,6 +168,10 @@ def _describe(path: Path, fm: _FlatModel) -> TfliteLayout:
                      if k.startswith(PREFILL_PREFIX) and k[len(PREFILL_PREFIX):].isdigit())
     decode = signatures[DECODE]
     kv = {n: t for n, t in decode.inputs.items() if _KV_NAME.match(n)}
+    first = kv.get(KV_K.format(layer=0)) or next(iter(kv.values()), None)
+    if first is None or len(first.shape) != 4 or min(first.shape) < 1 or min(decode.outputs[LOGITS].shape or (0,)) < 1:
+        raise InvalidModelFileError(f"{path.name}: unexpected KV cache shape {first and first.shape} or logits "
+                                    f"shape {decode.outputs[LOGITS].shape if LOGITS in decode.outputs else None}")
     for key in [DECODE, *(f"{PREFILL_PREFIX}{n}" for n in prefill)]:  # each one the backend runs
         sig = signatures[key]
         if not kv or any(n not in sig.inputs for n in (TOKENS, INPUT_POS, *kv)) or LOGITS not in sig.outputs:
@@ -176,10 +181,12 @@ def _describe(path: Path, fm: _FlatModel) -> TfliteLayout:
             if sig.inputs[name].dtype != "int32":
                 raise InvalidModelFileError(f"{path.name}: the {key} signature's {name} is "
                                             f"{sig.inputs[name].dtype}, not int32", "convert the model again")
-    first = kv[KV_K.format(layer=0)] if KV_K.format(layer=0) in kv else next(iter(kv.values()))
-    if len(first.shape) != 4 or min(first.shape) < 1 or min(decode.outputs[LOGITS].shape or (0,)) < 1:
-        raise InvalidModelFileError(f"{path.name}: unexpected KV cache shape {first.shape} or logits shape "
-                                    f"{decode.outputs[LOGITS].shape}")
+        caches = [*(sig.inputs[n] for n in kv), *(t for n, t in sig.outputs.items() if _KV_NAME.match(n))]
+        odd = next((t for t in caches if (t.shape, t.dtype) != (first.shape, first.dtype)), None)
+        if odd is not None:  # a cache of another shape: LiteRT's kernels divide by its heads (SIGFPE)
+            raise InvalidModelFileError(f"{path.name}: the {key} signature's {odd.name} is {odd.dtype} "
+                                        f"{list(odd.shape)}, unlike {first.dtype} {list(first.shape)}",
+                                        "convert the model again")
     _, kv_len, kv_heads, head_dim = first.shape
     return TfliteLayout(
         path=path, size_bytes=fm.size, signatures=signatures, prefill_lengths=tuple(prefill),
@@ -289,6 +296,8 @@ class _FlatModel:
                 raise self._bad(f"tensor {index} of {len(tensors)}")
             tensor = tensors[index]
             start, n = self._vector(self._ref(tensor, self.TENSOR_SHAPE))
+            if n > MAX_RANK:  # a flipped length bit: millions of "dimensions" that LiteRT walks for minutes
+                raise self._bad(f"tensor {name!r} has {n} dimensions (at most {MAX_RANK})")
             shape = struct.unpack_from(f"<{n}i", self.view, start) if n else ()
             found[name] = TensorInfo(name, tuple(shape), self._scalar(tensor, self.TENSOR_TYPE, "b"))
         return found

@@ -101,6 +101,10 @@ _MAX_TABLES = 1_000_000
 _ELEMENT_BITS = {0: 32, 1: 16, 2: 32, 3: 8, 4: 64, 6: 8, 7: 16, 8: 64, 9: 8, 10: 64, 11: 128, 12: 64, 15: 32,
                  16: 16, 17: 4, 18: 16, 19: 2, 20: 4, 21: 8, 22: 8}
 _TENSOR_TYPES = range(23)
+# LiteRT allocates every tensor of a signature at load: one dimension set to 2**31 asks for
+# gigabytes (minutes of page zeroing, then the OOM killer on a Pi). No tensor of a decoder
+# (weights, KV cache, attention scores, logits) comes near four times the whole file.
+_ACTIVATION_FILE_RATIO, _ACTIVATION_FLOOR = 4, 256 << 20
 # Builtin operators that take an omitted input (-1): conv and fully-connected biases, recurrent
 # cells' optional gates, RESHAPE's shape, PADV2's value, custom ops. A -1 anywhere else sends
 # LiteRT's XNNPACK delegate reading tensor -1 (a SIGSEGV, now and then).
@@ -263,6 +267,10 @@ def _check_tensor(m: _FlatModel, tensor: int, what: str, buffers: list[int], *, 
         elements *= dim
     if elements >= 1 << 48:
         raise m._bad(f"{what} has {elements} elements")
+    bits = _ELEMENT_BITS.get(kind) or 8
+    if elements * bits // 8 > max(_ACTIVATION_FILE_RATIO * m.size, _ACTIVATION_FLOOR):
+        raise m._bad(f"{what} has shape {list(shape)}: {elements * bits // 8 >> 20} MiB, more than any "
+                     f"tensor of a {m.size >> 20} MiB model needs")
     index = m._scalar(tensor, 2, "I")
     if index >= max(len(buffers), 1):
         raise m._bad(f"{what} uses buffer {index} of {len(buffers)}")
