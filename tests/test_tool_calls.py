@@ -15,7 +15,8 @@ from test_server_safety import serving, smollm2_loader
 
 from edge_runtime.server.requests import Answer, Tool, ToolUse
 from edge_runtime.server.state import ServerConfig
-from edge_runtime.server.tools import ToolCallReader, template_takes_tools, tool_grammar
+from edge_runtime.server.tool_calls import ToolCallReader
+from edge_runtime.server.tools import template_takes_tools, tool_grammar
 from edge_runtime.session import FALLBACK_TEMPLATE
 
 

@@ -33,9 +33,9 @@ from edge_runtime.server.requests import (
     TokenLogprob,
 )
 from edge_runtime.server.state import ServerState
+from edge_runtime.server.tool_calls import ToolCallReader
 from edge_runtime.server.tools import (
     CLOSE,
-    ToolCallReader,
     fallback_messages,
     template_messages,
     template_takes_tools,
