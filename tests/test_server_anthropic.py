@@ -18,7 +18,8 @@ HI = [{"role": "user", "content": "Say hello in five words."}]
 WEATHER = {"name": "get_weather", "description": "The weather of a city",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
                             "required": ["city"], "additionalProperties": False}}
-CONFIG = ServerConfig(model_id="smollm2", parallel=2, queue_size=16, api_key=KEY)
+APP_ORIGIN = "http://notes.localhost:5173"
+CONFIG = ServerConfig(model_id="smollm2", parallel=2, queue_size=16, api_key=KEY, allow_origins=(APP_ORIGIN,))
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +117,32 @@ def test_the_key_comes_as_x_api_key_or_bearer(server):
     assert bearer.messages.create(**body).usage.output_tokens > 0
     # Elsewhere the key is still only a Bearer token.
     assert httpx.get(f"{server}/v1/models", headers={"x-api-key": KEY}).status_code == 401
+
+
+def test_a_refused_key_is_answered_in_each_wire_formats_shape(server):
+    """The SDKs read their own error shape: Anthropic's raises AuthenticationError, Ollama's shows the text."""
+    body = {"model": "smollm2", "max_tokens": 2, "messages": HI}
+    wrong = anthropic.Anthropic(base_url=server, api_key="wrong", max_retries=0, timeout=60)
+    with pytest.raises(anthropic.AuthenticationError) as refused:
+        wrong.messages.create(**body)
+    assert refused.value.body["type"] == "error" and refused.value.body["error"]["type"] == "authentication_error"
+    assert "API key" in refused.value.body["error"]["message"]
+    import ollama
+
+    with pytest.raises(ollama.ResponseError) as ollama_refused:
+        ollama.Client(host=server, timeout=60).list()
+    assert ollama_refused.value.status_code == 401 and "API key" in ollama_refused.value.error
+    openai_shape = httpx.get(f"{server}/v1/models").json()
+    assert openai_shape["error"]["code"] == "invalid_api_key"
+
+
+def test_a_page_on_an_allowed_origin_may_send_anthropics_headers(server):
+    asked = "x-api-key,anthropic-version,anthropic-dangerous-direct-browser-access,content-type"
+    preflight = httpx.options(f"{server}/v1/messages", headers={
+        "Origin": APP_ORIGIN, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": asked})
+    assert preflight.status_code == 200
+    allowed = preflight.headers["access-control-allow-headers"].lower()
+    assert all(header in allowed for header in asked.split(","))
 
 
 def test_stop_sequences_end_the_answer(client):

@@ -40,6 +40,12 @@ KEY_HEADERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("/v1/messages", ("x-api-key", "authorization")),
     ("/", ("authorization",)),
 )
+# What a page on an --allow-origin may send: the key in either header, and the headers
+# Anthropic's SDK adds (a browser asks in a preflight before it sends them).
+CORS_HEADERS = ["Authorization", "Content-Type", "x-api-key", "anthropic-version", "anthropic-beta",
+                "anthropic-dangerous-direct-browser-access"]
+# The wire format whose error shape a refusal takes, by path prefix (first match wins).
+ERROR_SHAPES: tuple[tuple[str, str], ...] = (("/v1/messages", "anthropic"), ("/api/", "ollama"), ("/", "openai"))
 
 
 def is_loopback(host: str) -> bool:
@@ -112,12 +118,13 @@ class HostOriginGuard:
             if self.hosts is not None and host is not None:
                 name = _host_name(host.decode("latin-1"))
                 if name not in self.hosts:
-                    await refuse(send, 403, f"this server does not answer to the host name '{name}'",
+                    await refuse(send, scope, 403, f"this server does not answer to the host name '{name}'",
                                  "host_not_allowed", "start the server with --allow-host NAME to allow it")
                     return
             origin = headers.get(b"origin")
             if origin is not None and "*" not in self.origins and origin.decode("latin-1") not in self.origins:
-                await refuse(send, 403, f"requests from the web origin '{origin.decode('latin-1')}' are not allowed",
+                shown = origin.decode("latin-1")
+                await refuse(send, scope, 403, f"requests from the web origin '{shown}' are not allowed",
                              "origin_not_allowed", "start the server with --allow-origin ORIGIN to allow it")
                 return
         await self.app(scope, receive, send)
@@ -137,18 +144,30 @@ class KeyGuard:
             if given is None or not hmac.compare_digest(given, self._expected):
                 where = " or ".join("Authorization: Bearer KEY" if h == "authorization" else f"{h}: KEY"
                                     for h in headers)
-                await refuse(send, 401, f"a valid API key is needed: {where}", "invalid_api_key",
+                await refuse(send, scope, 401, f"a valid API key is needed: {where}", "invalid_api_key",
                              extra_headers=[(b"www-authenticate", b"Bearer")])
                 return
         await self.app(scope, receive, send)
 
 
-async def refuse(send: Send, status: int, message: str, code: str, hint: str | None = None, *,
+async def refuse(send: Send, scope: Scope, status: int, message: str, code: str, hint: str | None = None, *,
                  extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    """Send an OpenAI-shaped error before the application sees the request."""
+    """Send an error before the application sees the request, in the shape of the route's wire format.
+
+    The SDKs read their own shape: Anthropic's raises ``AuthenticationError`` from
+    ``{"type": "error", "error": {"type": "authentication_error", ...}}``, Ollama's client shows
+    ``{"error": "..."}``'s text, OpenAI's reads ``{"error": {"message", "type", "param", "code"}}``.
+    """
     text = f"{message}; {hint}" if hint else message
-    body = json.dumps({"error": {"message": text, "type": "invalid_request_error", "param": None,
-                                 "code": code}}).encode()
+    wire = next(shape for prefix, shape in ERROR_SHAPES if scope.get("path", "/").startswith(prefix))
+    if wire == "anthropic":
+        kind = {401: "authentication_error", 403: "permission_error"}.get(status, "invalid_request_error")
+        doc: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": text}}
+    elif wire == "ollama":
+        doc = {"error": text}
+    else:
+        doc = {"error": {"message": text, "type": "invalid_request_error", "param": None, "code": code}}
+    body = json.dumps(doc).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                *(extra_headers or [])]
     await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -35,7 +35,7 @@ from starlette.routing import Route
 
 from edge_runtime.backends.base import Model
 from edge_runtime.errors import EdgeRuntimeError
-from edge_runtime.server.access import HostOriginGuard, KeyGuard
+from edge_runtime.server.access import CORS_HEADERS, HostOriginGuard, KeyGuard
 from edge_runtime.server.anthropic_routes import anthropic_routes
 from edge_runtime.server.metrics import RequestCounter
 from edge_runtime.server.ollama_routes import ollama_routes
@@ -75,7 +75,7 @@ def create_app(config: ServerConfig, load_model: Callable[[], Model]) -> Starlet
                   Middleware(HostOriginGuard, hosts=config.allowed_hosts, origins=config.allow_origins)]
     if config.allow_origins:  # no CORS headers at all unless origins are named
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(config.allow_origins),
-                                     allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"]))
+                                     allow_methods=["GET", "POST"], allow_headers=CORS_HEADERS))
     if config.api_key:
         middleware.append(Middleware(KeyGuard, api_key=config.api_key))
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers,  # type: ignore[arg-type]
