@@ -160,13 +160,15 @@ async def refuse(send: Send, scope: Scope, status: int, message: str, code: str,
     """
     text = f"{message}; {hint}" if hint else message
     wire = next(shape for prefix, shape in ERROR_SHAPES if scope.get("path", "/").startswith(prefix))
+    from edge_runtime.server.wire import ApiError  # the error path only: the CLI imports this module early
+
+    error = ApiError(status, text, code=code)
     if wire == "anthropic":
-        kind = {401: "authentication_error", 403: "permission_error"}.get(status, "invalid_request_error")
-        doc: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": text}}
-    elif wire == "ollama":
-        doc = {"error": text}
+        from edge_runtime.server.anthropic_wire import error_body
+
+        doc = error_body(error)
     else:
-        doc = {"error": {"message": text, "type": "invalid_request_error", "param": None, "code": code}}
+        doc = {"error": error.message} if wire == "ollama" else error.body()
     body = json.dumps(doc).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                *(extra_headers or [])]
