@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from edge_runtime.errors import InvalidModelFileError, ModelNotFoundError
-from edge_runtime.formats.gguf import GGUFArray, GGUFHeader, describe_gguf, gguf_constants, read_gguf_header
+from edge_runtime.formats.gguf import describe_gguf, read_gguf_header
+from edge_runtime.formats.gguf_header import GGUFArray, GGUFHeader, gguf_constants
 
 _C = gguf_constants()
 T_UINT32, T_STRING, T_ARRAY = (int(_C.GGUFValueType[n]) for n in ("UINT32", "STRING", "ARRAY"))

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from edge_runtime.errors import InvalidConfigError
-from edge_runtime.formats.gguf import GGUFArray, GGUFHeader, GGUFTensor, read_gguf_header
+from edge_runtime.formats.gguf import read_gguf_header
+from edge_runtime.formats.gguf_header import GGUFArray, GGUFHeader, GGUFTensor
 from edge_runtime.planning.memory import MemoryEstimate, estimate_memory
 
 MiB = 1 << 20

@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from edge_runtime.formats.gguf import GGUFHeader
+from edge_runtime.formats.gguf_header import GGUFHeader
 
 MIB = 1 << 20
 DEFAULT_BANDWIDTH_BUFFER = 512 * MIB

@@ -22,7 +22,8 @@ import os
 import struct
 
 from edge_runtime.errors import InvalidModelFileError
-from edge_runtime.formats.gguf import GGUFArray, GGUFHeader, _Parser, read_gguf_header
+from edge_runtime.formats.gguf import _Parser, read_gguf_header
+from edge_runtime.formats.gguf_header import GGUFArray, GGUFHeader
 
 TOKENS = "tokenizer.ggml.tokens"
 _U64 = struct.Struct("<Q")

@@ -28,7 +28,7 @@ from typing import Any
 
 from edge_runtime.backends.base import MemoryEstimate
 from edge_runtime.errors import InvalidConfigError
-from edge_runtime.formats.gguf import GGUFArray, GGUFHeader, GGUFTensor, gguf_constants
+from edge_runtime.formats.gguf_header import GGUFArray, GGUFHeader, GGUFTensor, gguf_constants
 
 MiB = 1 << 20
 KV_PAD = 256  # llama.cpp pads the context (and the SWA cache) to a multiple of 256 cells
