@@ -192,7 +192,8 @@ def tree(folder: Path) -> list[str]:
 def test_read_only_commands_write_nothing_and_list_the_chunked_model_unjoined(edgert_cmd, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
-    for args in (["models", "list"], ["models", "show", "gemma3-270m"], ["device"], ["plan"]):
+    for args in (["models", "list"], ["models", "show", "gemma3-270m"], ["device"], ["plan"],
+                 ["plan", "--model", "gemma3-270m", "--json"]):
         result = edgert(edgert_cmd, *args, home=home)
         assert result.returncode == 0, result.stderr
         assert tree(home) == [], (args, tree(home))

@@ -253,16 +253,16 @@ def test_atomic_writes_leave_the_old_file_or_the_new_one_and_no_temporary_file(t
 
 
 def test_joined_chunks_that_fail_their_hash_leave_nothing(tmp_path):
-    from edge_runtime.models.embedded import _join_chunks
+    from edge_runtime.models.embedded import join_parts
 
     chunks = [tmp_path / f"m.gguf.part{i:02d}" for i in range(2)]
     for i, chunk in enumerate(chunks):
         chunk.write_bytes(bytes([i]) * 1000)
     target = tmp_path / "joined" / "m.gguf"
     with pytest.raises(InvalidModelFileError, match="do not match the expected sha256"):
-        _join_chunks(chunks, target, "0" * 64)
+        join_parts(tuple(map(str, chunks)), target, "0" * 64)
     assert list(target.parent.iterdir()) == []
-    _join_chunks(chunks, target, hashlib.sha256(b"\0" * 1000 + b"\1" * 1000).hexdigest())
+    join_parts(tuple(map(str, chunks)), target, hashlib.sha256(b"\0" * 1000 + b"\1" * 1000).hexdigest())
     assert target.read_bytes() == b"\0" * 1000 + b"\1" * 1000
 
 

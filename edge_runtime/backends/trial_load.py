@@ -39,10 +39,15 @@ def trial_loads_enabled() -> bool:
 
 
 def vet_artifact(artifact: Artifact, backend: str) -> None:
-    """Check an artifact's files and, on its first load, try it in a child process."""
+    """Check an artifact's files and, on its first load, try it in a child process (an artifact
+    still in the pieces its package ships is joined first)."""
     from edge_runtime.formats.deep_checks import check_deeply
     from edge_runtime.models.trust import check_artifact, remember_trusted
 
+    if artifact.parts and not os.path.isfile(artifact.path):
+        from edge_runtime.models.embedded import join_parts
+
+        join_parts(artifact.parts, artifact.path, artifact.sha256)
     trial = trial_loads_enabled()
     verdict = check_artifact(artifact, need_sha256=trial)
     if verdict.trusted:

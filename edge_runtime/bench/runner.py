@@ -277,7 +277,7 @@ def summarize(plan: Any, method: BenchMethod, raw: dict[str, Any], bandwidth_byt
     roof: dict[str, Any] | None = None
     if plan.artifact.format == "gguf" and bandwidth_bytes_s > 0:
         position = method.decode_prompt_tokens + (gen_mean or method.gen_tokens) / 2
-        header = read_gguf_header(plan.artifact.path)
+        header = read_gguf_header(plan.artifact.path, parts=plan.artifact.parts)
         traffic = token_traffic(header, position, plan.settings.type_k, plan.settings.type_v)
         roof = roofline(bandwidth_bytes_s, traffic, decode_mean).to_dict()
         if plan.settings.n_gpu_layers:

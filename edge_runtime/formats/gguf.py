@@ -15,7 +15,7 @@ import mmap
 import os
 import stat
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,9 +73,9 @@ class GGUFDescription:
         return dict(self.__dict__)
 
 
-def describe_gguf(path: str | os.PathLike[str]) -> GGUFDescription:
+def describe_gguf(path: str | os.PathLike[str], *, parts: Sequence[str] = ()) -> GGUFDescription:
     """Read a GGUF header and summarise it (name, arch, quant, size, context, layers, vocab)."""
-    header = read_gguf_header(path)
+    header = read_gguf_header(path, parts=parts)
     name = header.get("general.name")
     return GGUFDescription(
         name=name if isinstance(name, str) and name else Path(header.path).stem,
@@ -95,14 +95,18 @@ def _as_int(value: Any) -> int | None:
 
 
 def read_gguf_header(path: str | os.PathLike[str], *, keep_arrays: Iterable[str] = (),
-                     parser: type[_Parser] | None = None) -> GGUFHeader:
+                     parser: type[_Parser] | None = None, parts: Sequence[str] = ()) -> GGUFHeader:
     """Parse and validate a GGUF file's header, metadata and tensor table.
 
     Arrays longer than `SMALL_ARRAY_LEN` keep `values=None` unless their key is in `keep_arrays`;
-    `parser` is a `_Parser` subclass that checks more as it walks (`deep_checks`).
+    `parser` is a `_Parser` subclass that checks more as it walks (`deep_checks`). With `parts`
+    (a file shipped in pieces, not yet joined at `path`) the header is read from the first piece
+    and checked against the pieces' total size.
     Raises `ModelNotFoundError` for a missing file and `InvalidModelFileError` for anything else.
     """
     shown = os.fspath(path)
+    if parts:
+        return _read_from_parts(shown, parts, frozenset(keep_arrays), parser or _Parser)
     try:
         mode = os.stat(shown).st_mode
     except FileNotFoundError:
@@ -124,11 +128,22 @@ def read_gguf_header(path: str | os.PathLike[str], *, keep_arrays: Iterable[str]
         raise InvalidModelFileError(f"{shown}: cannot read: {exc}") from None
 
 
+def _read_from_parts(shown: str, parts: Sequence[str], keep: frozenset[str], parser: type[_Parser]) -> GGUFHeader:
+    try:
+        total = sum(os.stat(p).st_size for p in parts)
+        with open(parts[0], "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return parser(buf, shown, keep, size=total).parse()
+    except FileNotFoundError as exc:
+        raise ModelNotFoundError(f"{shown}: a part is missing: {exc.filename}", "reinstall its package") from None
+    except (OSError, ValueError, struct.error) as exc:  # struct.error: the header runs past the first part
+        raise InvalidModelFileError(f"{shown}: cannot read its header from its parts: {exc}") from None
+
+
 class _Parser:
     """One pass over the mapped file; every read is checked against the file size first."""
 
-    def __init__(self, buf: mmap.mmap, shown: str, keep: frozenset[str]) -> None:
-        self.buf, self.size, self.shown, self.keep = buf, len(buf), shown, keep
+    def __init__(self, buf: mmap.mmap, shown: str, keep: frozenset[str], *, size: int | None = None) -> None:
+        self.buf, self.size, self.shown, self.keep = buf, len(buf) if size is None else size, shown, keep
         self.pos = 0
         self.c = gguf_constants()
         self.t_string, self.t_array, self.scalars = _value_types()

@@ -29,6 +29,8 @@ class Artifact:
     source: str | None = None
     quality: dict[str, Any] | None = field(default=None, hash=False)
     profiles: tuple[str, ...] = ()
+    # A file still in the pieces a package ships it in: joined at ``path`` when first loaded.
+    parts: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -38,6 +40,10 @@ class Artifact:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["profiles"] = list(self.profiles)
+        if self.parts:
+            data["parts"] = list(self.parts)
+        else:
+            del data["parts"]
         return data
 
     @classmethod
@@ -45,16 +51,19 @@ class Artifact:
         known = set(cls.__dataclass_fields__)
         kwargs = {k: v for k, v in data.items() if k in known}
         kwargs["profiles"] = tuple(kwargs.get("profiles") or ())
+        kwargs["parts"] = tuple(kwargs.get("parts") or ())
         return cls(**kwargs)
 
 
-def artifact_from_gguf(path: str | Path, *, name: str | None = None) -> Artifact:
-    """Describe a GGUF file from its header (checked against the file size, never loaded)."""
-    info = describe_gguf(path)
+def artifact_from_gguf(path: str | Path, *, name: str | None = None, parts: tuple[str, ...] = (),
+                       sha256: str | None = None) -> Artifact:
+    """Describe a GGUF file from its header (checked against the file size, never loaded);
+    ``parts``: the pieces the file is still in (see ``Artifact.parts``)."""
+    info = describe_gguf(path, parts=parts)
     return Artifact(
         path=str(path), format="gguf", name=name or _short_name(Path(path), info.quant),
         quant=info.quant, size_bytes=info.size_bytes, arch=info.arch, n_params=info.n_params,
-        n_ctx_train=info.n_ctx_train,
+        n_ctx_train=info.n_ctx_train, sha256=sha256, parts=parts,
     )
 
 

@@ -1,8 +1,9 @@
 """Models that PyPI packages carry: found without importing their packages, joined when chunked.
 
 A chunked model is joined into ``home()/embedded`` the first time it is loaded
-(``embedded_model_path``); listing and describing it (``installed_file``, ``chunks_size``) write
-nothing.
+(``embedded_model_path``, or ``join_parts`` when a planned artifact still in ``parts`` is
+opened); listing, describing and planning it (``installed_file``, ``chunks_size``,
+``unjoined_parts``) write nothing.
 """
 
 from __future__ import annotations
@@ -71,8 +72,20 @@ def installed_file(model: EmbeddedModel) -> Path | None:
         folder = _package_folder(model.package)
         path = folder / model.filename if folder else None
         return path if path and path.is_file() else None
-    target = home() / "embedded" / model.filename
+    target = join_target(model)
     return target if target.is_file() else None
+
+
+def join_target(model: EmbeddedModel) -> Path:
+    """Where a chunked model is joined (under the store's home)."""
+    return home() / "embedded" / model.filename
+
+
+def unjoined_parts(model: EmbeddedModel) -> tuple[str, ...]:
+    """The pieces of a chunked model whose packages are installed but which is not joined yet; else ()."""
+    if not model.parts or installed_file(model) is not None or chunks_size(model) is None:
+        return ()
+    return tuple(str(p) for p in model.chunk_paths() or ())
 
 
 def chunks_size(model: EmbeddedModel) -> int | None:
@@ -89,19 +102,19 @@ def embedded_model_path(model: EmbeddedModel) -> Path | None:
     A chunked model is joined into the store on first use (to a temporary name, checked, then
     renamed); later calls find the joined file.
     """
-    found = installed_file(model)
-    if found is not None or not model.parts or chunks_size(model) is None:
-        return found
-    target = writable_folder(home() / "embedded") / model.filename
-    _join_chunks(model.chunk_paths() or [], target, model.sha256)
-    return target
+    parts = unjoined_parts(model)
+    if parts:
+        join_parts(parts, join_target(model), model.sha256)
+    return installed_file(model)
 
 
-def _join_chunks(chunks: list[Path], target: Path, sha256: str | None) -> None:
+def join_parts(parts: tuple[str, ...], target: str | Path, sha256: str | None) -> None:
+    """Join a file shipped in pieces at ``target`` (a temporary name, its sha256 checked, then renamed)."""
+    target = writable_folder(Path(target).parent) / Path(target).name
     digest = hashlib.sha256()
     with atomic_writer(target) as out:
-        for chunk in chunks:
-            with chunk.open("rb") as src:
+        for part in parts:
+            with open(part, "rb") as src:
                 while block := src.read(1 << 22):
                     digest.update(block)
                     out.write(block)

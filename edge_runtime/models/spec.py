@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from edge_runtime.errors import InvalidModelFileError, ModelNotFoundError
 from edge_runtime.models.artifact import FLOAT_TYPES, artifact_from_gguf, artifact_from_onnx, artifact_from_tflite
-from edge_runtime.models.embedded import EMBEDDED, embedded_model_path, find_embedded
+from edge_runtime.models.embedded import EMBEDDED, embedded_model_path, find_embedded, join_target, unjoined_parts
 from edge_runtime.models.locations import store_root
 from edge_runtime.models.manifest import has_manifest, read_manifest
 from edge_runtime.models.store import DEFAULT_MODEL, is_store_name, open_model, store_names
@@ -28,7 +28,13 @@ def find_artifacts(spec: str | None) -> list[Artifact]:
     """
     spec = spec or DEFAULT_MODEL
     found = _named_collection(spec)
-    return found if found is not None else [describe_artifact(resolve_model(spec))]
+    if found is not None:
+        return found
+    embedded = None if Path(spec).expanduser().exists() else find_embedded(spec)
+    parts = unjoined_parts(embedded) if embedded is not None else ()
+    if embedded is not None and parts:  # described from its pieces; joined only when it is loaded
+        return [artifact_from_gguf(join_target(embedded), parts=parts, sha256=embedded.sha256)]
+    return [describe_artifact(resolve_model(spec))]
 
 
 def describe_artifact(path: Path) -> Artifact:

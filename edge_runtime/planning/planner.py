@@ -295,7 +295,7 @@ def _estimator(
         from edge_runtime.formats.gguf import read_gguf_header
         from edge_runtime.planning.memory import estimate_memory
 
-        header = read_gguf_header(artifact.path)
+        header = read_gguf_header(artifact.path, parts=artifact.parts)
 
         def gguf_estimate(n_ctx: int, gpu_layers: int) -> MemoryEstimate:
             return estimate_memory(header, n_ctx=n_ctx, n_parallel=request.n_parallel, type_k=kv, type_v=kv,
