@@ -146,7 +146,27 @@ def short_slice(m: _FlatModel, data: bytearray) -> None:
     struct.pack_into("<I", data, m._ref(op, 1), 1)
 
 
+def omitted_weights(m: _FlatModel, data: bytearray) -> None:
+    """FULLY_CONNECTED's weights are -1, an omitted input (only its bias may be: a SIGSEGV, fuzz seed 2)."""
+    _, op = first_operator(m, 9)
+    struct.pack_into("<i", data, m._vector(m._ref(op, 1))[0] + 4, -1)
+
+
+def omitted_reshape_shape(m: _FlatModel, data: bytearray) -> None:
+    """RESHAPE's second input is -1: with two inputs its kernel reads the shape tensor (a SIGSEGV)."""
+    for subgraph in m._tables(m.root, m.MODEL_SUBGRAPHS):
+        for op in m._tables(subgraph, 3):
+            code = m._tables(m.root, 1)[m._scalar(op, 0, "I")]
+            start, n = m._vector(m._ref(op, 1))
+            if max(m._scalar(code, 0, "b"), m._scalar(code, 3, "i")) == 22 and n == 2:
+                struct.pack_into("<i", data, start + 4, -1)
+                return
+    raise AssertionError("no RESHAPE with a shape input in the seed")
+
+
 @pytest.mark.parametrize("edit, message", [
+    (omitted_weights, "operator 9 of subgraph 0 uses tensor -1"),
+    (omitted_reshape_shape, "operator 22 of subgraph"),
     (short_slice, "operator 65 of subgraph 0 has 1 inputs, not the 3 it reads"),
     (output_on_a_constant, "is written by the model but uses constant buffer"),
     (two_operators_in_one_opcode, "names operator 18 and, in its old field, operator 49"),

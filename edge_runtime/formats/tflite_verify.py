@@ -105,10 +105,13 @@ _TENSOR_TYPES = range(23)
 # gigabytes (minutes of page zeroing, then the OOM killer on a Pi). No tensor of a decoder
 # (weights, KV cache, attention scores, logits) comes near four times the whole file.
 _ACTIVATION_FILE_RATIO, _ACTIVATION_FLOOR = 4, 256 << 20
-# Builtin operators that take an omitted input (-1): conv and fully-connected biases, recurrent
-# cells' optional gates, RESHAPE's shape, PADV2's value, custom ops. A -1 anywhere else sends
-# LiteRT's XNNPACK delegate reading tensor -1 (a SIGSEGV, now and then).
-_OPTIONAL_INPUTS = {3, 4, 9, 16, 22, 24, 27, 32, 35, 44, 46, 52, 60, 67, 132, 141}
+# Builtin operators that take an omitted input (-1), and the first input that may be omitted:
+# conv and fully-connected biases (after the input and the weights), TRANSPOSE_CONV's bias,
+# PADV2's value, recurrent cells' optional gates, custom ops. A -1 anywhere else sends LiteRT
+# reading tensor -1: FULLY_CONNECTED without weights, RESHAPE with a second input of -1 (its
+# kernel reads a shape tensor whenever there are two inputs) are each a SIGSEGV (fuzz seed 2).
+_OPTIONAL_INPUTS = {**dict.fromkeys((16, 24, 27, 32, 35, 44, 46, 52, 132, 141), 1),
+                    3: 2, 4: 2, 9: 2, 60: 2, 67: 3}
 # Operators without inputs or outputs (calls, control flow, custom ops, variables); any other with
 # none makes LiteRT index an empty list.
 _MAY_TAKE_NOTHING = {31, 32, 51, 118, 119, 129, 142, 173, 200, 206, 209}
@@ -222,8 +225,10 @@ def _check_indices(m: _FlatModel) -> None:
             if len(_ints(m, op, 1)) < _MIN_INPUTS.get(builtin, 0):
                 raise m._bad(f"operator {builtin} of subgraph {s} has {len(_ints(m, op, 1))} inputs, "
                              f"not the {_MIN_INPUTS[builtin]} it reads")
-            for field, lowest in ((1, -1 if builtin in _OPTIONAL_INPUTS else 0), (2, 0), (8, -1)):
-                for index in _ints(m, op, field):  # inputs, outputs, intermediates
+            optional_from = _OPTIONAL_INPUTS.get(builtin, 1 << 30)
+            for field in (1, 2, 8):  # inputs, outputs, intermediates
+                for position, index in enumerate(_ints(m, op, field)):
+                    lowest = -1 if field == 8 or field == 1 and position >= optional_from else 0
                     if not lowest <= index < len(tensors):
                         raise m._bad(f"operator {builtin} of subgraph {s} uses tensor {index} of {len(tensors)}")
         written = {*_ints(m, subgraph, 1), *(i for op in m._tables(subgraph, 3) for i in _ints(m, op, 2))}
