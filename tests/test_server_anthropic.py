@@ -104,8 +104,10 @@ def test_errors_are_anthropics_shape(client, server):
         res = httpx.post(f"{server}/v1/messages", json={"model": "smollm2", "max_tokens": 8, "messages": HI, **bad},
                          headers={"x-api-key": KEY})
         assert res.status_code == 400 and res.json()["error"]["type"] == "invalid_request_error", bad
+    newer_sdk = {"speed": "standard", "workspace_id": "wrkspc_1", "user_profile_id": "u1",  # anthropic 2.x
+                 "diagnostics": {"previous_message_id": "msg_1"}}
     accepted = client.messages.create(model="smollm2", max_tokens=2, messages=HI, metadata={"user_id": "u1"},
-                                      thinking={"type": "disabled"})
+                                      thinking={"type": "disabled"}, extra_body=newer_sdk)
     assert accepted.usage.output_tokens > 0
 
 

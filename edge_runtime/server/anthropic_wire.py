@@ -38,7 +38,8 @@ MESSAGE_FIELDS: dict[str, FieldRule] = {
     "top_p": _DONE, "top_k": _DONE,
     "thinking": FieldRule(REFUSED, "the models served here do not reason", lambda v: v == {"type": "disabled"}),
     "cache_control": _CLIENT, "metadata": _CLIENT, "service_tier": _CLIENT, "container": _CLIENT,
-    "inference_geo": _CLIENT,
+    "inference_geo": _CLIENT, "speed": _CLIENT, "diagnostics": _CLIENT, "user_profile_id": _CLIENT,
+    "workspace_id": _CLIENT,  # anthropic 2.x: an account's tier, region, attribution, cache diagnostics
 }
 _STOP_REASONS = {"stop": "end_turn", "cancelled": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
