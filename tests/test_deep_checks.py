@@ -220,7 +220,25 @@ def shape_of_a_million_dimensions(m: _FlatModel, data: bytearray) -> None:
     struct.pack_into("<I", data, m._ref(tensor, m.TENSOR_SHAPE), 262148)
 
 
+def no_logits_output(m: _FlatModel, data: bytearray) -> None:
+    """The decode signature's logits output renamed (fuzz seed 2: a KeyError escaped)."""
+    sig = next(s for s in m._tables(m.root, m.MODEL_SIGNATURES) if m._string(s, m.SIG_KEY) == "decode")
+    entry = next(e for e in m._tables(sig, m.SIG_OUTPUTS) if m._string(e, m.MAP_NAME) == "logits")
+    start, _ = m._vector(m._ref(entry, m.MAP_NAME), 1)
+    data[start] = ord("L")
+
+
+def empty_positions(m: _FlatModel, data: bytearray) -> None:
+    """prefill_8's input_pos of shape [0] (fuzz seed 2: LiteRT refused the 8 positions written into it)."""
+    tensor = _signature_tensor(m, "prefill_8", False, "input_pos")
+    struct.pack_into("<i", data, m._vector(m._ref(tensor, m.TENSOR_SHAPE))[0], 0)
+
+
 def test_tflite_files_the_layout_reader_refuses(tflite, tmp_path):
+    with pytest.raises(InvalidModelFileError, match="logits shape None"):
+        read_tflite_layout(edited(tflite, tmp_path / "c", no_logits_output))
+    with pytest.raises(InvalidModelFileError, match=re.escape("input_pos has shape [0], not [8]")):
+        read_tflite_layout(edited(tflite, tmp_path / "d", empty_positions))
     with pytest.raises(InvalidModelFileError, match=re.escape("kv_cache_k_1 is float32 [1, 128, 0, 16], unlike")):
         read_tflite_layout(edited(tflite, tmp_path / "a", headless_cache_output))
     with pytest.raises(InvalidModelFileError, match="has 262148 dimensions"):

@@ -331,6 +331,19 @@ def test_cli_damaged_onnx_folder_is_one_error_line(edgert_cmd, convert_output, t
     assert res.stderr.startswith("error: ") and "Traceback" not in res.stderr
 
 
+def test_an_onnx_graph_naming_a_tensor_in_bytes_that_are_not_text_is_one_error(fp32_dir, tmp_path):
+    """fuzz_formats (seed 2): a flipped bit made a weight's name not UTF-8; onnxruntime-genai quoted
+    it in its error, and Python could not decode the message (a UnicodeDecodeError escaped)."""
+    bad = tmp_path / fp32_dir.name
+    shutil.copytree(fp32_dir, bad)
+    graph = bytearray((bad / "model.onnx").read_bytes())
+    at = graph.index(b"up_proj.MatMul.weight") + len(b"up_proj.MatMul.")
+    graph[at] |= 0x80  # "weight" -> "\xf7eight"
+    (bad / "model.onnx").write_bytes(bytes(graph))
+    with pytest.raises(InvalidModelFileError, match="the ONNX model is damaged"):
+        load(bad)
+
+
 # -- the embedded model (real weights) ---------------------------------------------------------
 
 

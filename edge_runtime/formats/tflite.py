@@ -169,18 +169,26 @@ def _describe(path: Path, fm: _FlatModel) -> TfliteLayout:
     decode = signatures[DECODE]
     kv = {n: t for n, t in decode.inputs.items() if _KV_NAME.match(n)}
     first = kv.get(KV_K.format(layer=0)) or next(iter(kv.values()), None)
-    if first is None or len(first.shape) != 4 or min(first.shape) < 1 or min(decode.outputs[LOGITS].shape or (0,)) < 1:
+    logits = decode.outputs.get(LOGITS)
+    if (first is None or logits is None or len(first.shape) != 4 or not logits.shape
+            or min(first.shape) < 1 or min(logits.shape) < 1):
         raise InvalidModelFileError(f"{path.name}: unexpected KV cache shape {first and first.shape} or logits "
-                                    f"shape {decode.outputs[LOGITS].shape if LOGITS in decode.outputs else None}")
+                                    f"shape {logits and logits.shape}")
     for key in [DECODE, *(f"{PREFILL_PREFIX}{n}" for n in prefill)]:  # each one the backend runs
         sig = signatures[key]
         if not kv or any(n not in sig.inputs for n in (TOKENS, INPUT_POS, *kv)) or LOGITS not in sig.outputs:
             raise InvalidModelFileError(f"{path.name}: the {key} signature lacks tokens, input_pos, "
                                         "KV cache inputs or logits; not a decoder this runtime can drive")
-        for name in (TOKENS, INPUT_POS):  # the runtime writes int32 ids and positions into them
+        rows = 1 if key == DECODE else int(key[len(PREFILL_PREFIX):])
+        for name, shapes in ((TOKENS, ((1, rows),)), (INPUT_POS, ((rows,), (1, rows)))):
+            # the runtime writes `rows` int32 ids and positions into them
             if sig.inputs[name].dtype != "int32":
                 raise InvalidModelFileError(f"{path.name}: the {key} signature's {name} is "
                                             f"{sig.inputs[name].dtype}, not int32", "convert the model again")
+            if sig.inputs[name].shape not in shapes:
+                raise InvalidModelFileError(f"{path.name}: the {key} signature's {name} has shape "
+                                            f"{list(sig.inputs[name].shape)}, not {list(shapes[0])}",
+                                            "convert the model again")
         caches = [*(sig.inputs[n] for n in kv), *(t for n, t in sig.outputs.items() if _KV_NAME.match(n))]
         odd = next((t for t in caches if (t.shape, t.dtype) != (first.shape, first.dtype)), None)
         if odd is not None:  # a cache of another shape: LiteRT's kernels divide by its heads (SIGFPE)

@@ -54,6 +54,9 @@ def load_model(folder: str, *, n_threads: int, provider: str | None) -> Any:
         if provider is not None:
             config.append_provider(provider)
         return og.Model(config)
+    except UnicodeDecodeError:  # onnxruntime's error quoted bytes of the graph that are not UTF-8
+        raise InvalidModelFileError(f"{folder}: the ONNX model is damaged (onnxruntime refused it with a "
+                                    "message that is not text)", "convert the model again") from None
     except RuntimeError as exc:
         why = _first_line(exc)
         if "protobuf" in why.lower() or "parsing" in why.lower() or "external data" in why.lower():
