@@ -117,6 +117,25 @@ def test_errors_are_ollamas_shape(client, server):
     assert bad_format.status_code == 400 and bad_format.json()["error"].startswith("invalid format")
 
 
+def test_logprobs_whole_and_streamed(client, server):
+    """Ollama 0.12's logprobs: the chosen token's, and its top alternatives, the chosen first under greedy."""
+    whole = client.chat(model="smollm2", messages=HI, options=GREEDY, logprobs=True, top_logprobs=3)
+    assert whole.logprobs and "".join(p.token for p in whole.logprobs) == whole.message.content
+    for p in whole.logprobs:
+        assert p.logprob <= 0 and len(p.top_logprobs) == 3
+        assert p.top_logprobs[0].token == p.token and abs(p.top_logprobs[0].logprob - p.logprob) < 1e-5
+    streamed = [p for chunk in client.chat(model="smollm2", messages=HI, options=GREEDY, logprobs=True,
+                                           top_logprobs=3, stream=True) for p in chunk.logprobs or ()]
+    rounded = [(p.token, round(p.logprob, 4)) for p in whole.logprobs]
+    assert [(p.token, round(p.logprob, 4)) for p in streamed] == rounded
+    generated = client.generate(model="smollm2", prompt="The capital of France is", options=GREEDY, logprobs=True)
+    assert generated.logprobs and all(p.top_logprobs == [] for p in generated.logprobs)
+    assert client.chat(model="smollm2", messages=HI, options=GREEDY).logprobs is None
+    lone = httpx.post(f"{server}/api/chat",
+                      json={"model": "smollm2", "messages": HI, "top_logprobs": 2, "stream": False})
+    assert lone.status_code == 400 and "logprobs" in lone.json()["error"]
+
+
 def test_unknown_and_retired_options_are_ignored(client):
     reply = client.chat(model="smollm2", messages=HI,
                         options={**GREEDY, "mirostat": 1, "num_ctx": 2048, "not_an_option": True, "seed": -1})

@@ -7,7 +7,8 @@ format checks stop the known cases; for the rest, the first load of a file (or o
 happens in a child (``python -m edge_runtime.backends.trial_load BACKEND PATH``) with a tiny
 context and a two-token generation, under a timeout. A child killed by a signal or the timeout
 becomes a one-line ``ModelFormatError`` and the caller lives on; a clean run is remembered by the
-file's sha256 (``models.trust``), so the next start pays nothing. ``EDGERT_TRIAL_LOAD=0`` turns
+file's sha256 and its purpose, generation or embeddings (``models.trust``), so the next start for
+that purpose pays nothing. ``EDGERT_TRIAL_LOAD=0`` turns
 the trial off for a process that is itself the isolation (a fuzzer's worker).
 """
 
@@ -38,9 +39,10 @@ def trial_loads_enabled() -> bool:
     return os.environ.get("EDGERT_TRIAL_LOAD", "1") != "0"
 
 
-def vet_artifact(artifact: Artifact, backend: str) -> None:
+def vet_artifact(artifact: Artifact, backend: str, *, embeddings: bool = False) -> None:
     """Check an artifact's files and, on its first load, try it in a child process (an artifact
-    still in the pieces its package ships is joined first)."""
+    still in the pieces its package ships is joined first); ``embeddings`` tries it as an
+    embedding model (an encoder such as BERT generates nothing)."""
     from edge_runtime.formats.deep_checks import check_deeply
     from edge_runtime.models.trust import check_artifact, remember_trusted
 
@@ -49,13 +51,15 @@ def vet_artifact(artifact: Artifact, backend: str) -> None:
 
         join_parts(artifact.parts, artifact.path, artifact.sha256)
     trial = trial_loads_enabled()
-    verdict = check_artifact(artifact, need_sha256=trial)
+    purpose = "embeddings" if embeddings else "generation"
+    verdict = check_artifact(artifact, need_sha256=trial, purpose=purpose)
     if verdict.trusted:
         return
     check_deeply(artifact.path, artifact.format)
     if trial and verdict.sha256 is not None:
-        trial_load(artifact.path, backend)
-        remember_trusted(verdict.sha256)
+        trial_load(artifact.path, backend, embeddings=embeddings)
+        # Trusted for this purpose only: an encoder that embeds cleanly may still abort generating.
+        remember_trusted(verdict.sha256, purpose)
 
 
 def trial_timeout_s(path: str) -> float:
@@ -65,13 +69,15 @@ def trial_timeout_s(path: str) -> float:
     return TRIAL_TIMEOUT_S + size / TRIAL_READ_BYTES_PER_S
 
 
-def trial_load(path: str, backend: str) -> None:
-    """Load ``path`` on ``backend`` in a child and generate two tokens; raise what went wrong."""
+def trial_load(path: str, backend: str, *, embeddings: bool = False) -> None:
+    """Load ``path`` on ``backend`` in a child and generate two tokens (or, ``embeddings``, embed a
+    word); raise what went wrong."""
     import subprocess  # here, not at import: a file tried before costs nothing at start
 
     timeout = trial_timeout_s(path)
     log.info("first load of %s: trying it in a child process", path)
-    command = [sys.executable, "-m", "edge_runtime.backends.trial_load", backend, str(path)]
+    command = [sys.executable, "-m", "edge_runtime.backends.trial_load", backend, str(path),
+               *(["embeddings"] if embeddings else [])]
     env = {**os.environ, "EDGERT_TRIAL_LOAD": "0"}
     try:
         proc = subprocess.run(command, capture_output=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
@@ -130,13 +136,17 @@ def _as_error(report: dict[str, Any]) -> EdgeRuntimeError:
     return ModelLoadError(message, hint)
 
 
-def _trial(backend: str, path: str) -> dict[str, Any]:
-    """In the child: load with a tiny context on the CPU and generate two greedy tokens."""
+def _trial(backend: str, path: str, embeddings: bool = False) -> dict[str, Any]:
+    """In the child: load with a tiny context on the CPU and generate two greedy tokens (or embed one word)."""
     from edge_runtime.backends import load_backend
     from edge_runtime.backends.base import SamplingParams, Settings
 
     settings = Settings(n_ctx=TRIAL_CTX, n_threads=min(2, os.cpu_count() or 1), n_batch=TRIAL_CTX,
                         n_ubatch=TRIAL_CTX, n_gpu_layers=0)
+    if embeddings:
+        with load_backend(backend).load_embedder(path, settings) as embedder:  # type: ignore[attr-defined]
+            embedder.embed(["Hello"], truncate=True)
+        return {"ok": True}
     with load_backend(backend).load(path, settings) as model:
         tokens = model.tokenize("Hello", add_bos=True)[:8] or [0]
         for _ in model.generate(tokens, SamplingParams(max_tokens=2, temperature=0.0)):
@@ -145,10 +155,10 @@ def _trial(backend: str, path: str) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m edge_runtime.backends.trial_load BACKEND PATH``: one JSON line on stdout."""
-    backend, path = argv
+    """``python -m edge_runtime.backends.trial_load BACKEND PATH [embeddings]``: one JSON line on stdout."""
+    backend, path, *use = argv
     try:
-        report = _trial(backend, path)
+        report = _trial(backend, path, use == ["embeddings"])
     except EdgeRuntimeError as exc:
         report = {"ok": False, "class": type(exc).__name__, "message": exc.message, "hint": exc.hint}
     except Exception as exc:  # a bug of ours on this file: said as one line, the traceback on stderr

@@ -5,7 +5,10 @@ inside their folder, and remembered, so a device does not hash gigabytes at ever
 (inode, size, mtime_ns of each) when they were last hashed and the sha256 they had then: a file
 whose stamp has not changed is not hashed again, one whose stamp changed is. It also keeps the
 sha256 of every file a trial load ran cleanly (``backends.trial_load``), so neither the same file
-nor a renamed copy of it is tried twice. The record is a cache: losing it costs a re-hash, and a
+nor a renamed copy of it is tried twice, per purpose: ``trusted`` holds the files that generated
+cleanly, ``trusted_embeddings`` those that only embedded cleanly (an encoder such as BERT embeds
+but aborts llama.cpp when asked to generate, so that trust does not carry over; a file trusted to
+generate is trusted to embed). The record is a cache: losing it costs a re-hash, and a
 changed file is never taken for the file it replaced.
 """
 
@@ -32,7 +35,8 @@ from edge_runtime.models.manifest import folder_sha256
 RECORD_NAME = "verified.json"
 RECORD_SCHEMA = "edge-runtime.verified"
 RECORD_MAX_BYTES = 16 << 20  # a few hundred bytes per verified file
-MAX_TRUSTED = 4096  # remembered trial loads; the oldest go first
+MAX_TRUSTED = 4096  # remembered trial loads per purpose; the oldest go first
+_TRUSTED_KEYS = {"generation": "trusted", "embeddings": "trusted_embeddings"}
 
 Stamp = list[list[Any]]  # [relative path, inode, size, mtime_ns] of each file
 
@@ -42,16 +46,17 @@ class Verdict:
     """What is known of an artifact's files before a backend opens them."""
 
     sha256: str | None  # None: not hashed (nothing asked for it)
-    trusted: bool  # an embedded model's known file, or a file a trial load ran cleanly
+    trusted: bool  # an embedded model's known file, or a file a trial load ran cleanly for the purpose
 
 
-def check_artifact(artifact: Artifact, *, need_sha256: bool) -> Verdict:
+def check_artifact(artifact: Artifact, *, need_sha256: bool, purpose: str = "generation") -> Verdict:
     """Check an artifact's files before loading: links, the manifest's sha256, known files.
 
     An artifact from a manifest (a store entry or a convert folder) must lie inside the manifest's
     folder, links followed, and match its recorded sha256 (``InvalidModelFileError`` otherwise);
     an embedded model's file is trusted when it matches the sha256 its package is known by. Any
-    other file is hashed only when ``need_sha256`` (to look it up among the trial-loaded ones).
+    other file is hashed only when ``need_sha256`` (to look it up among the files trial-loaded
+    for ``purpose``: "generation" or "embeddings").
     """
     path = Path(artifact.path)
     if artifact.sha256:
@@ -62,28 +67,38 @@ def check_artifact(artifact: Artifact, *, need_sha256: bool) -> Verdict:
                 f"{path}: its sha256 {actual[:12]}… does not match the manifest's {artifact.sha256[:12]}…",
                 f"check the model with `edgert models verify {_verify_name(path)}`, "
                 "then add or convert it again")
-        return Verdict(actual, actual in _read_record()["trusted"])
+        return Verdict(actual, _is_trusted(actual, purpose))
     known = _embedded_sha256(path)
     if known is not None:
         actual = recorded_sha256(path)
         if actual == known:
             return Verdict(actual, True)
-        return Verdict(actual, actual in _read_record()["trusted"])
+        return Verdict(actual, _is_trusted(actual, purpose))
     if not need_sha256:
         return Verdict(None, False)
     actual = recorded_sha256(path)
-    return Verdict(actual, actual in _read_record()["trusted"])
+    return Verdict(actual, _is_trusted(actual, purpose))
 
 
-def remember_trusted(sha256: str) -> None:
-    """Record that a file of this sha256 loaded and generated cleanly in a trial process."""
+def _is_trusted(sha256: str, purpose: str) -> bool:
+    """Whether a trial ran this file cleanly for ``purpose`` (a generation trial covers embeddings too)."""
+    record = _read_record()
+    keys = ("trusted",) if purpose == "generation" else ("trusted", _TRUSTED_KEYS[purpose])
+    return any(sha256 in record[key] for key in keys)
+
+
+def remember_trusted(sha256: str, purpose: str = "generation") -> None:
+    """Record that a file of this sha256 loaded and ran cleanly for ``purpose`` in a trial process
+    ("generation": it generated; "embeddings": it embedded)."""
+    key = _TRUSTED_KEYS[purpose]
 
     def change(record: dict[str, Any]) -> None:
-        record["trusted"][sha256] = {"trial_loaded_at": int(time.time())}
-        if len(record["trusted"]) > MAX_TRUSTED:
-            oldest = sorted(record["trusted"], key=lambda k: record["trusted"][k].get("trial_loaded_at", 0))
-            for key in oldest[: len(record["trusted"]) - MAX_TRUSTED]:
-                del record["trusted"][key]
+        trusted = record[key]
+        trusted[sha256] = {"trial_loaded_at": int(time.time())}
+        if len(trusted) > MAX_TRUSTED:
+            oldest = sorted(trusted, key=lambda k: trusted[k].get("trial_loaded_at", 0))
+            for old in oldest[: len(trusted) - MAX_TRUSTED]:
+                del trusted[old]
 
     _update_record(change)
 
@@ -154,7 +169,7 @@ def _record_path() -> Path:
 
 def _read_record() -> dict[str, Any]:
     """The record, or an empty one when it is missing or damaged (it is only a cache)."""
-    empty: dict[str, Any] = {"schema": RECORD_SCHEMA, "files": {}, "trusted": {}}
+    empty: dict[str, Any] = {"schema": RECORD_SCHEMA, "files": {}, "trusted": {}, "trusted_embeddings": {}}
     try:
         data = parse_json(read_regular_file(_record_path(), RECORD_MAX_BYTES), str(_record_path()))
     except EdgeRuntimeError:  # missing, not a file, too big, not JSON or nested too deep
@@ -163,6 +178,8 @@ def _read_record() -> dict[str, Any]:
         return empty
     if not isinstance(data.get("files"), dict) or not isinstance(data.get("trusted"), dict):
         return empty
+    if not isinstance(data.get("trusted_embeddings"), dict):  # a record from before embeddings were trusted
+        data["trusted_embeddings"] = {}
     return data
 
 

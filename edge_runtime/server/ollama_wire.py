@@ -17,10 +17,19 @@ from datetime import datetime, timezone
 from typing import Any
 
 from edge_runtime.backends.base import ModelInfo, SamplingParams
+from edge_runtime.backends.params import MAX_TOP_LOGPROBS
 from edge_runtime.errors import InvalidRequestError
 from edge_runtime.limits import MAX_C_INT, MAX_REPEAT_PENALTY, MAX_SEED
-from edge_runtime.server.requests import Finished, GenerationRequest, Message, Tool, ToolCall, ToolUse
-from edge_runtime.server.wire import ApiError, field_value, new_id
+from edge_runtime.server.requests import (
+    Finished,
+    GenerationRequest,
+    Message,
+    TokenLogprob,
+    Tool,
+    ToolCall,
+    ToolUse,
+)
+from edge_runtime.server.wire import ApiError, field_value, logprob_entry, new_id
 
 log = logging.getLogger("edgert.server")
 
@@ -138,8 +147,11 @@ def _params(data: dict[str, Any]) -> tuple[int | None, SamplingParams]:
     """``options`` and ``format`` as (max_tokens, ``SamplingParams``), with Ollama's defaults."""
     if data.get("think") not in (None, False):
         raise ApiError(400, f'"{data["model"]}" does not support thinking')
-    if data.get("logprobs") or data.get("top_logprobs"):
-        raise ApiError(400, "logprobs are not supported on the Ollama API here; /v1/chat/completions has them")
+    logprobs = None  # Ollama 0.12's logprobs: the chosen token's, and top_logprobs (0..20) alternatives
+    if field_value(data, "logprobs", bool, False):
+        logprobs = field_value(data, "top_logprobs", int, 0, minimum=0, maximum=MAX_TOP_LOGPROBS)
+    elif data.get("top_logprobs"):
+        raise ApiError(400, "top_logprobs needs logprobs: true")
     options = field_value(data, "options", dict, {})
     for name in options:
         if name in _IGNORED_OPTIONS or name not in _OPTION_NAMES:
@@ -170,6 +182,7 @@ def _params(data: dict[str, Any]) -> tuple[int | None, SamplingParams]:
             seed=None if seed < 0 else seed,
             stop=tuple(s for s in stop if s),
             json_schema=_format(data.get("format")),
+            logprobs=logprobs,
         )
     except InvalidRequestError as exc:  # what the backends' own checks refuse beyond the ones above
         raise ApiError(400, exc.message) from None
@@ -204,6 +217,12 @@ def ollama_calls(calls: list[ToolCall]) -> list[dict[str, Any]]:
         out.append({"id": call.id or new_id("call_", 8), "function": {"index": i, "name": call.name,
                                                                         "arguments": arguments}})
     return out
+
+
+def ollama_logprobs(items: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> list[dict[str, Any]]:
+    """Logprobs in Ollama's shape: ``[{"token", "logprob", "bytes", "top_logprobs": [...]}]``."""
+    return [{**logprob_entry(t.token, t.logprob), "top_logprobs": [logprob_entry(s, v) for s, v in t.top]}
+            for t in items]
 
 
 def final_fields(finished: Finished, total_s: float) -> dict[str, Any]:

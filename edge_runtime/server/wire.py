@@ -59,6 +59,11 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     return data
 
 
+def logprob_entry(token: str, logprob: float) -> dict[str, Any]:
+    """One token's logprob as OpenAI and Ollama write it: its text, logprob and UTF-8 bytes."""
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+
 def field_value(data: dict[str, Any], name: str, types: type | tuple[type, ...], default: Any = None,
                 *, minimum: float | None = None, maximum: float | None = None, param: str | None = None) -> Any:
     """``data[name]`` checked for type, finiteness and range (``default`` when absent or null).
