@@ -129,6 +129,13 @@ def test_floor_check_compares_the_floor_model_only(fleet_file):
     for r in slow["results"]:
         r["decode_tok_s"] = 5.0
     assert floor_check(BenchResult.from_dict(slow)).status == "below"
+    assert not any("busy" in line for line in floor_check(BenchResult.from_dict(slow)).why.split("; "))
+    busy = copy.deepcopy(slow)
+    busy["device"]["cpu"]["logical_cores"] = 4
+    for r in busy["results"]:
+        r["load_average"] = {"before": 9.1, "after": 9.4}
+    why = floor_check(BenchResult.from_dict(busy)).why
+    assert "the device was busy: load average 9.1" in why and "on 4 logical CPUs" in why
 
 
 def test_pareto_front_and_quality_metric():

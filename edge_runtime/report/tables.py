@@ -148,6 +148,13 @@ def floor_check(result: BenchResult) -> FloorCheck:
             else f"{len(checked)} artifacts, each ≥ its floor ({floor.summary})")
     why = [f"{r.label} on {r.backend} ({r.threads} threads): measured {r.decode_tok_s:.1f} tok/s, floor "
            f"{e.tok_s:.1f} = {e.how}" for r, e in checked]
+    cpus = (result.device.get("cpu") or {}).get("logical_cores")
+    busy = [(r, (r.load_average or {}).get("before")) for r, _ in checked]
+    busy = [(r, load) for r, load in busy if isinstance(load, (int, float)) and cpus and load > cpus / 2]
+    if busy:  # threads that spin on a barrier slow down many times over when the cores are shared
+        why.append("the device was busy: load average " + ", ".join(f"{load:.1f}" for _, load in busy)
+                   + f" on {cpus} logical CPUs before decode was measured; the floor is for an idle device, "
+                     "so measure again when it is idle")
     measured_gbs = result.memory_bandwidth.get("gbs")
     if floor.processor == "cpu" and floor.bandwidth_gbs and isinstance(measured_gbs, (int, float)):
         why.append(f"this device reads {measured_gbs:.1f} GB/s, a healthy device of its class "
