@@ -142,7 +142,7 @@ def evaluate_artifacts(
     """Entries with quality figures: reused where the files and settings match, else measured."""
     from dataclasses import replace
 
-    from edge_runtime.converters.evaluate import QualityReport, compare, evaluate
+    from edge_runtime.converters.evaluate import QualityReport, compare, evaluate, generated_windows
 
     old_key = {k: (previous.evaluation or {}).get(k) for k in key} if previous else None
     old_quality = {a.sha256: a.quality for a in previous.artifacts} if previous and old_key == key else {}
@@ -160,11 +160,14 @@ def evaluate_artifacts(
     def progress(done: int, total: int) -> None:
         emit(BuildEvent("evaluating", label, done, total))
 
-    options = {"text": request.text, "n_ctx": request.n_ctx, "n_chunks": request.n_chunks,
-               "threads": request.threads, "progress": progress}
+    options: dict[str, Any] = {"text": request.text, "n_ctx": request.n_ctx, "n_chunks": request.n_chunks,
+                               "threads": request.threads, "progress": progress}
     if todo:
-        reports = compare([folder / q.file for q in todo], folder / base.file, **options)
+        # The text the reference writes, once: the KV cache types are scored on it too.
+        generated = generated_windows(folder / base.file, request.n_ctx, request.threads) if not request.text else None
+        reports = compare([folder / q.file for q in todo], folder / base.file, **options, generated=generated)
     else:
+        generated = None
         reports = [evaluate(folder / base.file, None, **options)]
     by_file = {q.file: r for q, r in zip(todo, reports, strict=True)}
     first = reports[0]
@@ -177,6 +180,32 @@ def evaluate_artifacts(
     emit(BuildEvent("evaluating", label, 1, 1, finished=True))
     out = [replace(base, quality=base.quality if base.quality and not base_needs else base_report.to_dict())]
     out += [replace(q, quality=by_file[q.file].to_dict()) if q.file in by_file else q for q in quants]
+    measured = {base.file, *by_file} if base_needs else set(by_file)
+    return with_kv_costs(out, measured, folder, options, generated, emit)
+
+
+def with_kv_costs(entries: list[ManifestArtifact], files: set[str], folder: Path, options: dict[str, Any],
+                  generated: Any, emit: Callable[[BuildEvent], None]) -> list[ManifestArtifact]:
+    """The GGUF entries among ``files`` with what each quantized KV cache type costs them
+    (``quality.kv_cache_types``: KLD and top-1 against an f16 cache, on the evaluation's windows)."""
+    from dataclasses import replace
+
+    from edge_runtime.converters.evaluate import kv_type_costs
+    from edge_runtime.models.manifest import KV_COSTS_KEY
+
+    out = []
+    for entry in entries:
+        if entry.file not in files or entry.format != "gguf":
+            out.append(entry)
+            continue
+        label = f"KV cache types of {entry.file}"
+
+        def progress(windows_done: int, total: int, label: str = label) -> None:
+            emit(BuildEvent("evaluating", label, windows_done, total))
+
+        costs = kv_type_costs(folder / entry.file, **{**options, "progress": progress}, generated=generated)
+        emit(BuildEvent("evaluating", label, 1, 1, finished=True))
+        out.append(replace(entry, quality={**(entry.quality or {}), KV_COSTS_KEY: costs}))
     return out
 
 

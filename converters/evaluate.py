@@ -10,7 +10,9 @@ the whole text is tokenized once (special tokens added, one trailing newline dro
 when the model adds one, and only the second half of each window scored (predictions from
 position ``n_ctx/2`` to ``n_ctx-2``); the mean negative log-likelihood over every scored token of
 every window, exponentiated. KL divergence (``KL(P_ref || P_cand)``)
-and top-1 agreement use the same windows and positions, on the reference's tokens.
+and top-1 agreement use the same windows and positions, on the reference's tokens. The same
+measure prices a quantized KV cache (``kv_type_costs``): one GGUF scored with a q8_0 or q4_0
+cache against itself with an f16 cache.
 
 Without a text, the reference writes its own: it continues a fixed set of prompts (sampled with a
 fixed seed) and the continuations are scored. Perplexity is then not available: a model's
@@ -42,6 +44,8 @@ GENERATION_PROMPTS = (
     "Photosynthesis is the process by which",
     "Q: Why is the sky blue?\nA:",
 )
+# The KV cache types whose cost the evaluator measures against f16 (what the planner may choose).
+KV_TYPES_MEASURED = ("q8_0", "q4_0")
 GENERATED_TOKENS = 128  # per prompt (fewer when the context is smaller)
 GENERATION_SEED = 1234
 # Rows of logits converted to float64 at once: 64 x 49k vocab x 8 bytes = 25 MB.
@@ -187,27 +191,80 @@ def compare(
     n_chunks: int | None = None,
     threads: int | None = None,
     progress: Progress | None = None,
+    generated: tuple[list[Window], str] | None = None,
 ) -> list[QualityReport]:
     """One report per candidate: perplexity over ``text``, KLD and top-1 against ``reference``.
 
     The reference's logits are computed once per decode batch and every candidate is compared
     with them, so all models are loaded together (memory-mapped). Without ``text`` the reference
-    generates the text (and perplexity is None); without a reference only perplexity is measured.
+    generates the text (and perplexity is None), unless ``generated`` (``generated_windows``'
+    result) hands over what it wrote before; without a reference only perplexity is measured.
     """
     if reference is None and text is None:
         raise InvalidConfigError("perplexity needs a text", "give --text FILE (or a --reference to compare with)")
     if not candidates:
         raise InvalidConfigError("no artifact to evaluate")
+    return _compare([(c, "f16") for c in candidates], (reference, "f16") if reference is not None else None,
+                    text=text, n_ctx=n_ctx, n_chunks=n_chunks, threads=threads, progress=progress,
+                    generated=generated)
+
+
+def kv_type_costs(
+    artifact: str | Path,
+    *,
+    kv_types: Sequence[str] = KV_TYPES_MEASURED,
+    text: str | Path | None = None,
+    n_ctx: int = DEFAULT_CTX,
+    n_chunks: int | None = None,
+    threads: int | None = None,
+    progress: Progress | None = None,
+    generated: tuple[list[Window], str] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """What each quantized KV cache type costs a GGUF artifact: ``{"q8_0": {"kld", "top1_agreement"}}``,
+    KL divergence and top-1 agreement against the same artifact with an f16 KV cache, on the same
+    windows as ``compare`` (the manifest's ``quality.kv_cache_types``, which the planner reads).
+
+    A type llama.cpp cannot make a context with for this model (a head size its blocks do not
+    divide) is ``{"unsupported": why}``, so the planner never picks it.
+    """
+    from edge_runtime.errors import ModelLoadError
+
+    if Path(artifact).suffix.lower() != ".gguf":
+        raise InvalidConfigError(f"{Path(artifact).name}: only llama.cpp (GGUF) quantizes its KV cache")
+    out: dict[str, dict[str, Any]] = {}
+    for kv in kv_types:
+        try:
+            Scorer(artifact, n_ctx, threads, kv).close()
+        except ModelLoadError as exc:
+            out[kv] = {"unsupported": exc.message}
+    usable = [kv for kv in kv_types if kv not in out]
+    reports = _compare([(artifact, kv) for kv in usable], (artifact, "f16"), text=text, n_ctx=n_ctx,
+                       n_chunks=n_chunks, threads=threads, progress=progress, generated=generated) if usable else []
+    for kv, r in zip(usable, reports, strict=True):
+        kld = r.kld_mean
+        if kld is None or not math.isfinite(kld):  # no scored token, or an overflow: not a figure to plan by
+            out[kv] = {"unsupported": f"its KL divergence against f16 KV could not be measured ({kld})"}
+        else:  # a rounding error can come out a hair below zero
+            out[kv] = {"kld": max(0.0, kld), "top1_agreement": r.top1_agreement}
+    return {kv: out[kv] for kv in kv_types}
+
+
+def _compare(candidates: list[tuple[str | Path, str]], reference: tuple[str | Path, str] | None, *,
+             text: str | Path | None, n_ctx: int, n_chunks: int | None, threads: int | None,
+             progress: Progress | None, generated: tuple[list[Window], str] | None) -> list[QualityReport]:
+    """``compare`` on (artifact, KV cache type) pairs: the reference and the candidates may be one file."""
     windows: list[Window] = []
     source = "file" if text is not None else "generated"
     if text is not None:
         body, text_sha = read_text(text)  # before any model loads: a bad path fails at once
+    elif generated is not None:
+        windows, text_sha = generated
     else:
-        windows, text_sha = generated_windows(reference, n_ctx, threads)  # type: ignore[arg-type]
+        windows, text_sha = generated_windows(reference[0], n_ctx, threads)  # type: ignore[index]
     scorers: list[Scorer] = []
     try:
-        for path in ([reference] if reference is not None else []) + list(candidates):
-            scorers.append(Scorer(path, n_ctx, threads))
+        for path, kv in ([reference] if reference is not None else []) + list(candidates):
+            scorers.append(Scorer(path, n_ctx, threads, kv))
         ref = scorers[0] if reference is not None else None
         cands = scorers[1:] if ref is not None else scorers
         lead = scorers[0]

@@ -28,14 +28,16 @@ class Window:
 class Scorer:
     """One artifact loaded by its backend (the format decides which), scoring windows."""
 
-    def __init__(self, path: str | Path, n_ctx: int, threads: int | None) -> None:
+    def __init__(self, path: str | Path, n_ctx: int, threads: int | None, kv_type: str = "f16") -> None:
+        """``kv_type``: the KV cache type of the scoring context (llama.cpp's ``type_k``/``type_v``)."""
         from edge_runtime.backends import load_artifact
         from edge_runtime.backends.base import Settings
         from edge_runtime.models.spec import describe_artifact
 
         self.path = str(path)
         # One position more than a window: a prompt leaves one free for the next token.
-        self.model = load_artifact([describe_artifact(Path(path))], Settings(n_ctx=n_ctx + 1, n_threads=threads))
+        settings = Settings(n_ctx=n_ctx + 1, n_threads=threads, type_k=kv_type, type_v=kv_type)
+        self.model = load_artifact([describe_artifact(Path(path))], settings)
         info = self.model.info
         if info.n_ctx < n_ctx:
             self.close()

@@ -37,18 +37,27 @@ def plan(model: object = None, **options: object) -> Plan:
     return plan_model(model, **options)  # type: ignore[arg-type]
 
 
-def load(model: str | None = None, settings: Settings | None = None, *, backend: str | None = None) -> Model:
+def load(model: str | None = None, settings: Settings | None = None, *, backend: str | None = None,
+         prompt_cache: bool = True) -> Model:
     """Load a model by path or name (default: the embedded SmolLM2).
 
     Without ``backend`` the first artifact decides (a .gguf runs on llama.cpp, an ONNX folder on
     onnx, a .tflite on tflite); with it, the first artifact in that backend's format is loaded.
-    For the device-aware choice among several artifacts, use ``plan()``.
+    For the device-aware choice among several artifacts, use ``plan()``. With ``prompt_cache``
+    (the default) a llama.cpp model writes the KV states of evaluated prompts, conversations
+    included, under EDGERT_HOME (``prompt-cache/``, private to the user: folders 0700, files
+    0600) and restores them in later processes; ``prompt_cache=False`` keeps it off (prefix reuse
+    in memory stays); ``model.use_prompt_cache(store or None)`` changes it later.
     """
     from edge_runtime.backends import load_artifact
     from edge_runtime.backends.base import Settings
+    from edge_runtime.models.prompt_cache import PromptCacheStore, attach
     from edge_runtime.models.spec import find_artifacts
 
-    return load_artifact(find_artifacts(model), settings or Settings(), backend=backend, what=model)
+    loaded = load_artifact(find_artifacts(model), settings or Settings(), backend=backend, what=model)
+    if prompt_cache:
+        attach(loaded, PromptCacheStore.default())
+    return loaded
 
 
 def __getattr__(name: str) -> object:

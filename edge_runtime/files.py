@@ -69,7 +69,7 @@ def write_target(path: str | os.PathLike[str]) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], mode: int | None = None) -> Iterator[Path]:
     """A temporary file beside ``path`` for a writer that wants a path (a library's own writer).
 
     When the block ends normally the file is flushed to disk and renamed to ``path``, so readers
@@ -84,8 +84,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise _cannot_write(path, exc) from None
     tmp = Path(name)
     try:
-        # mkstemp makes the file owner-only; give it the mode any other new file would get.
-        os.fchmod(fd, 0o666 & ~_UMASK)
+        # mkstemp makes the file owner-only; give it the mode any other new file would get
+        # (or ``mode``: private data stays private from its first byte).
+        os.fchmod(fd, 0o666 & ~_UMASK if mode is None else mode)
         os.close(fd)
         yield tmp
         try:
@@ -101,9 +102,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+def atomic_writer(path: str | os.PathLike[str], mode: int | None = None) -> Iterator[BinaryIO]:
     """A binary file to stream into; it replaces ``path`` only once the block finishes (``atomic_path``)."""
-    with atomic_path(path) as tmp, tmp.open("wb") as fh:
+    with atomic_path(path, mode) as tmp, tmp.open("wb") as fh:
         yield fh
 
 

@@ -254,10 +254,12 @@ class Session:
 
     def load(self, path: str | Path) -> None:
         """Replace the conversation with one saved by ``save``."""
-        shown = str(path)
-        data = parse_json(read_regular_file(path, CONVERSATION_MAX_BYTES, "conversation file"), shown,
-                          "give a file saved with /save")
-        self.system, self.messages = parse_conversation(data, shown)
+        self.restore(*read_conversation(path))
+
+    def restore(self, system: str | None, messages: list[dict[str, str]]) -> None:
+        """Replace the conversation with ``messages`` (``read_conversation``'s); the next turn's
+        prompt finds its KV state in the model's cache, in memory or on disk, as if never left."""
+        self.system, self.messages = system, list(messages)
         self._window_start = 0
 
     # -- prompting -------------------------------------------------------------------------
@@ -325,6 +327,14 @@ class Session:
             answer = "".join(pieces)
             self.messages.append({"role": "assistant", "content": answer})
             self.last_turn = Turn(answer, finish, stats)
+
+
+def read_conversation(path: str | Path) -> tuple[str | None, list[dict[str, str]]]:
+    """The (system prompt, messages) of a file ``Session.save`` wrote; anything else is one error line."""
+    shown = str(path)
+    data = parse_json(read_regular_file(path, CONVERSATION_MAX_BYTES, "conversation file"), shown,
+                      "give a file saved with /save")
+    return parse_conversation(data, shown)
 
 
 def parse_conversation(data: Any, source: str) -> tuple[str | None, list[dict[str, str]]]:

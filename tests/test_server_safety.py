@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from typing import Any
 
 import httpx
 import openai
@@ -38,13 +39,15 @@ def smollm2_loader(path, n_ctx: int = 1024, n_parallel: int = 2) -> Callable[[],
 
 
 @contextmanager
-def serving(config: ServerConfig, load_model: Callable[[], Model], *, ready: str = "ok") -> Iterator[str]:
-    """The app on a free loopback port until /health says ``ready``; yields its base URL."""
+def serving(config: ServerConfig, load_model: Callable[[], Model], *, ready: str = "ok",
+            load_embedder: Callable[[Model], Any] | None = None) -> Iterator[str]:
+    """The app (with ``load_embedder``'s embedding model, when given) on a free loopback port until
+    /health says ``ready``; yields its base URL."""
     from edge_runtime.server.app import create_app
     from edge_runtime.server.listen import uvicorn_server
 
     port = free_port()
-    server = uvicorn_server(create_app(config, load_model), LOOPBACK, port)
+    server = uvicorn_server(create_app(config, load_model, load_embedder), LOOPBACK, port)
     thread = threading.Thread(target=server.run, name="safety-server", daemon=True)
     thread.start()
     base = f"http://{LOOPBACK}:{port}"

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from edge_runtime.backends.base import Availability, Backend, Model, Settings
-from edge_runtime.errors import BackendUnavailableError, ModelNotFoundError
+from edge_runtime.backends.base import Availability, Backend, Embedder, Model, Settings
+from edge_runtime.errors import BackendUnavailableError, ModelNotFoundError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from edge_runtime.models.artifact import Artifact
@@ -122,3 +122,15 @@ def open_artifact(artifact: Artifact, settings: Settings, *, backend: str | None
     backend = backend or next(s.name for s in BACKENDS if artifact.format in s.formats)
     vet_artifact(artifact, backend)
     return load_backend(backend).load(artifact.path, settings)
+
+
+def open_embedder(artifact: Artifact, settings: Settings, *, beside: Model | None = None) -> Embedder:
+    """Load one artifact as an embedding engine (llama.cpp's: a GGUF), checked as ``open_artifact``
+    checks it; a chat model ``beside`` it from the same file lends its weights."""
+    from edge_runtime.backends.trial_load import vet_artifact
+
+    if artifact.format != "gguf":
+        raise UnsupportedModelError(f"{artifact.label} is a {artifact.format} model; embeddings need a GGUF file",
+                                    "name a .gguf model (llama.cpp computes the embeddings)")
+    vet_artifact(artifact, "llama.cpp", embeddings=True)
+    return load_backend("llama.cpp").load_embedder(artifact.path, settings, beside=beside)  # type: ignore[attr-defined]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from edge_runtime.backends.params import Grammar as Grammar
 from edge_runtime.backends.params import SamplingParams as SamplingParams
 from edge_runtime.errors import ContextLengthExceededError, InvalidRequestError
+from edge_runtime.models.prompt_cache import common_length
 
 if TYPE_CHECKING:
     import numpy as np
@@ -173,6 +174,18 @@ class TokenEvent:
     top_logprobs: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
 
 
+@dataclass(frozen=True)
+class Embeddings:
+    """What ``Embedder.embed`` returns: one unit-length float32 row per input, and each one's tokens."""
+
+    vectors: np.ndarray  # shape (inputs, dimensions)
+    token_counts: tuple[int, ...]
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.token_counts)
+
+
 class CancelToken:
     """Thread-safe flag a consumer sets to stop a generation between two tokens."""
 
@@ -257,6 +270,26 @@ class Model(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
+class Embedder(Protocol):
+    """A loaded embedding model (llama.cpp's, ``backends.llamacpp.embeddings``): what the server's
+    embedding routes and ``edgert embed`` call."""
+
+    n_ctx: int  # most tokens one input may hold
+    n_embd: int  # numbers in a vector
+    pooling_name: str  # "mean", "cls" or "last"
+    info: ModelInfo  # what the model says about itself (name, architecture, size)
+
+    def embed(self, inputs: Sequence[str | Sequence[int]], *, dimensions: int | None = None,
+              truncate: bool = False) -> Embeddings:
+        """Unit vectors of ``inputs`` (texts or token lists) in order, in as few decodes as fit.
+
+        ``dimensions`` (1 to ``n_embd``) keeps the first numbers and normalises again; an empty
+        input, or one longer than ``n_ctx`` unless ``truncate`` cuts it, raises naming its index."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class Backend(Protocol):
     """A runtime that loads artifacts of some formats into ``Model``s."""
 
@@ -277,11 +310,7 @@ class EvaluatedPrefix:
     tokens: list[int] = field(default_factory=list)
 
     def common_length(self, tokens: Sequence[int]) -> int:
-        n = min(len(self.tokens), len(tokens))
-        i = 0
-        while i < n and self.tokens[i] == tokens[i]:
-            i += 1
-        return i
+        return common_length(self.tokens, tokens)
 
 
 def default_threads() -> int:

@@ -28,6 +28,7 @@ class BenchRequest:
     bandwidth_buffer_bytes: int | None = None
     profile: str | None = None
     workers: tuple[str, ...] = ()  # llama.cpp RPC workers ("host:port") to split each model across
+    anatomy: bool = False  # also measure each artifact's latency anatomy (bench/anatomy.py)
 
 
 @dataclass(frozen=True)
@@ -91,10 +92,14 @@ class ArtifactResult:
     estimated_memory_bytes: int | None = None
     vram_peak_bytes: int | None = None
     temperature_c: dict[str, float | None] = field(default_factory=dict)
+    # the system's 1-minute load average before and after: other work competing for the cores
+    load_average: dict[str, float | None] = field(default_factory=dict)
     energy: dict[str, Any] = field(default_factory=dict)
     plan: dict[str, Any] | None = None
     model: dict[str, Any] | None = None
     notes: tuple[str, ...] = ()
+    # storage, compute, transfer and cache figures of one reply (bench/anatomy.py), with --anatomy
+    anatomy: dict[str, Any] | None = None
 
     @property
     def label(self) -> str:

@@ -26,7 +26,7 @@ import itertools
 import math
 import statistics
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -134,6 +134,8 @@ def run_bench(request: BenchRequest, progress: BenchProgress | None = None) -> B
         results.append(summarize(plan, method, raw, bandwidth.bytes_s))
     if not results:
         raise EdgeRuntimeError("every benchmark failed: " + "; ".join(s["why"] for s in skipped))
+    if request.anatomy:
+        results = _with_anatomy(results, jobs, method, text, report)
     try:
         edgert_version = version("edge-runtime")
     except PackageNotFoundError:
@@ -144,6 +146,33 @@ def run_bench(request: BenchRequest, progress: BenchProgress | None = None) -> B
         memory_bandwidth=bandwidth.to_dict(), results=tuple(results),
         recommendation=_recommendation(artifacts, device, profile, request), skipped=tuple(skipped),
     )
+
+
+def _with_anatomy(results: list[ArtifactResult], jobs: list[Any], method: BenchMethod, text: str,
+                  report: BenchProgress) -> list[ArtifactResult]:
+    """The result at the most threads of each artifact and backend, with its anatomy (one per pair:
+    the anatomy measures 1..N threads itself); a failed anatomy is a note, never the lost bench."""
+    out = list(results)
+    widest: dict[tuple[str, str], int] = {}  # (path, backend) -> index of its result at the most threads
+    for i, r in enumerate(out):
+        key = (r.artifact["path"], r.backend)
+        if key not in widest or r.threads > out[widest[key]].threads:
+            widest[key] = i
+    for key, i in widest.items():
+        plan = max((p for p in jobs if (p.artifact.path, p.backend) == key), key=lambda p: p.settings.n_threads or 1)
+        label = f"{plan.artifact.label} · {plan.backend} · anatomy"
+        report(label, 0, 5, "")
+        job = {"anatomy": True, "artifact_path": plan.artifact.path, "artifact": plan.artifact.to_dict(),
+               "backend": plan.backend, "settings": plan.settings.to_dict(), "method": method.to_dict(),
+               "prompt_text": text}
+        try:
+            anatomy = run_in_child(job, _counting(report, label, 5))
+        except EdgeRuntimeError as exc:
+            out[i] = replace(out[i], notes=(*out[i].notes, f"anatomy not measured: {exc.message}"))
+            continue
+        compute = {**anatomy["compute"], "roofline_ceiling_tok_s": out[i].decode_ceiling_tok_s}
+        out[i] = replace(out[i], anatomy={**anatomy, "compute": compute})
+    return out
 
 
 def _counting(report: BenchProgress, label: str, total: int) -> Callable[[str], None]:
@@ -300,6 +329,7 @@ def summarize(plan: Any, method: BenchMethod, raw: dict[str, Any], bandwidth_byt
         decode_ceiling_tok_s=ceiling if ceiling is not None and math.isfinite(ceiling) else None,
         roofline=roof, samples=tuple(raw["samples"]),
         temperature_c={"before": raw["temperature_before_c"], "after": raw["temperature_after_c"]},
+        load_average={"before": raw["load_average_before"], "after": raw["load_average_after"]},
         energy=_energy(raw, timed, method), plan=plan.to_dict(), model=raw["model_info"], notes=tuple(notes),
     )
 

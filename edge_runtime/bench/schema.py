@@ -54,6 +54,35 @@ ROOFLINE_SCHEMA: dict[str, Any] = {
     },
 }
 
+_PER_THREADS = {"type": "object", "propertyNames": {"pattern": "^[1-9][0-9]*$"}, "additionalProperties": _NUMBER,
+                "minProperties": 1}
+
+
+def _numbers(required: list[str], nullable: tuple[str, ...] = (), **more: Any) -> dict[str, Any]:
+    """An object whose ``required`` keys are numbers (``nullable`` ones may be null)."""
+    props = {key: _OPT_NUMBER if key in nullable else _NUMBER for key in required}
+    return {"type": "object", "required": required, "properties": {**props, **more}}
+
+
+# edgert bench --anatomy: where one reply's time goes (bench/anatomy.py).
+ANATOMY_SCHEMA: dict[str, Any] = {
+    "type": ["object", "null"],
+    "required": ["storage", "compute", "transfer", "cache"],
+    "properties": {
+        "storage": _numbers(["cold_load_s", "warm_load_s", "first_prefill_pagein_s"],
+                            cold_load_no_mmap_s=_NUMBER, warm_load_no_mmap_s=_NUMBER,
+                            first_prefill_pagein_no_mmap_s=_NUMBER, note={"type": "string"}),
+        "compute": {"type": "object", "required": ["prefill_tok_s", "decode_tok_s"],
+                    "properties": {"prefill_tok_s": _PER_THREADS, "decode_tok_s": _PER_THREADS,
+                                   "roofline_ceiling_tok_s": _OPT_NUMBER}},
+        # rpc_ttft_ms: what the RPC hop adds (may be negative within noise); null without workers
+        "transfer": _numbers(["in_process_ttft_ms", "http_ttft_ms", "rpc_ttft_ms"], ("rpc_ttft_ms",),
+                             rpc_ttft_ms={"type": ["number", "null"]}, prompt_tokens=_COUNT),
+        "cache": _numbers(["cold_ttft_ms", "restored_ttft_ms", "hot_ttft_ms"], ("restored_ttft_ms",),
+                          restored_note={"type": ["string", "null"]}, turn=_COUNT, prompt_tokens=_COUNT),
+    },
+}
+
 RESULT_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["artifact", "backend", "threads", "settings", "decode_tok_s", "decode_tok_s_sd", "prefill_tok_s",
@@ -76,12 +105,14 @@ RESULT_SCHEMA: dict[str, Any] = {
         "decode_ceiling_tok_s": {"type": ["number", "null"], "exclusiveMinimum": 0},
         "roofline": ROOFLINE_SCHEMA,
         "temperature_c": {"type": "object", "additionalProperties": {"type": ["number", "null"]}},
+        "load_average": {"type": "object", "additionalProperties": {"type": ["number", "null"]}},
         "energy": {"type": "object", "properties": {"available": {"type": "boolean"},
                                                     "decode_j_per_token": _OPT_NUMBER,
                                                     "prefill_j_per_token": _OPT_NUMBER}},
         "plan": {"type": ["object", "null"]}, "model": {"type": ["object", "null"]},
         "notes": {"type": "array", "items": {"type": "string"}},
         "samples": {"type": "array", "items": SAMPLE_SCHEMA},
+        "anatomy": ANATOMY_SCHEMA,
     },
 }
 

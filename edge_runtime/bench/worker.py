@@ -8,6 +8,8 @@ library printing) are ignored. A fresh interpreter, not ``multiprocessing``: its
 counts only this artifact, and it never re-imports the caller's ``__main__`` module (which fails
 in a script without an ``if __name__ == "__main__"`` guard).
 
+A job with ``"anatomy": true`` measures the latency anatomy instead (``bench.anatomy``).
+
 Everything goes through ``Model.generate``, the stream users get (ARCHITECTURE.md): each timed run
 resets the model's KV cache first, so every repetition evaluates its whole prompt.
 """
@@ -19,7 +21,14 @@ import sys
 import time
 from typing import Any
 
-from edge_runtime.device.sensors import EnergyCounter, VramProbe, cpu_temperature_c, peak_rss_bytes, rss_now_bytes
+from edge_runtime.device.sensors import (
+    EnergyCounter,
+    VramProbe,
+    cpu_temperature_c,
+    load_average,
+    peak_rss_bytes,
+    rss_now_bytes,
+)
 
 MARKER = "edgert-bench-worker: "
 
@@ -35,7 +44,12 @@ def main() -> int:
 
     try:
         job = json.loads(sys.stdin.read())
-        _send("done", measure(job, lambda label: _send("step", label)))
+        if job.get("anatomy"):
+            from edge_runtime.bench.anatomy import measure_anatomy
+
+            _send("done", measure_anatomy(job, lambda label: _send("step", label), prompt_tokens))
+        else:
+            _send("done", measure(job, lambda label: _send("step", label)))
         return 0
     except KeyboardInterrupt:
         _send("error", {"class": "KeyboardInterrupt", "message": "interrupted", "hint": None})
@@ -58,7 +72,7 @@ def measure(job: dict[str, Any], step: Any = None) -> dict[str, Any]:
     method = job["method"]
     energy = EnergyCounter()
     vram = VramProbe()
-    temperature_before = cpu_temperature_c()
+    temperature_before, load_before = cpu_temperature_c(), load_average()
 
     from edge_runtime.backends import load_backend
     from edge_runtime.backends.base import Settings
@@ -106,6 +120,8 @@ def measure(job: dict[str, Any], step: Any = None) -> dict[str, Any]:
         "vram_note": vram.reason,
         "temperature_before_c": temperature_before,
         "temperature_after_c": cpu_temperature_c(),
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
         "energy_available": energy.available,
         "energy_note": energy.reason,
         "model_info": info,

@@ -72,11 +72,14 @@ def format_bench_table(doc: dict[str, Any]) -> str:
               help="Buffer for the memory bandwidth pass (capped at a quarter of available RAM).")
 @click.option("--json", "json_out", is_flag=False, flag_value="-", default=None, metavar="[FILE]",
               help="Write the result to FILE, or print it with --json alone.")
+@click.option("--anatomy", is_flag=True,
+              help="Also measure where one reply's time goes: storage (cold/warm load, page-in, mmap), compute "
+                   "(1..N threads), transfer (in-process, HTTP, RPC) and cache (cold, restored, hot TTFT).")
 @WORKERS
 def bench(artifacts: tuple[str, ...], model: str | None, backends: tuple[str, ...],
           threads: tuple[tuple[int, ...], ...], ctx: int | None, prompt_tokens: tuple[int, ...], gen_tokens: int,
           reps: int, warmup: int, prompt_file: str | None, profile_id: str | None, bandwidth_mib: int,
-          json_out: str | None, workers: tuple[str, ...]) -> None:
+          json_out: str | None, anatomy: bool, workers: tuple[str, ...]) -> None:
     """Measure prefill, decode, TTFT, load time, memory and the roofline of models on this device."""
     from edge_runtime.bench.runner import BenchRequest, run_bench
     from edge_runtime.files import atomic_write, write_target
@@ -89,7 +92,7 @@ def bench(artifacts: tuple[str, ...], model: str | None, backends: tuple[str, ..
         models=tuple(artifacts) or (model,), backends=_str_list(backends),
         threads=tuple(n for group in threads for n in group), ctx=ctx, prompt_tokens=prompt_tokens,
         gen_tokens=gen_tokens, reps=reps, warmup=warmup, prompt_file=prompt_file,
-        bandwidth_buffer_bytes=bandwidth_mib * MIB, profile=profile_id, workers=workers,
+        bandwidth_buffer_bytes=bandwidth_mib * MIB, profile=profile_id, workers=workers, anatomy=anatomy,
     )
     with ProgressRows() as rows:
         result = run_bench(request, lambda label, done, total, step:

@@ -182,10 +182,12 @@ def _num(value: float | None, fmt: str) -> str:
               help="Windows at most (default: the whole text, as llama-perplexity).")
 @click.option("--threads", type=THREADS, default=None, help="CPU threads, at most the logical CPUs.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.option("--kv-cache-types", "kv_types", is_flag=True,
+              help="Also measure what a q8_0 and a q4_0 KV cache cost a GGUF (KLD, top-1 against an f16 cache).")
 def eval_(artifact: str, reference: str | None, text: str | None, n_ctx: int, n_chunks: int | None,
-          threads: int | None, as_json: bool) -> None:
+          threads: int | None, as_json: bool, kv_types: bool) -> None:
     """Perplexity of ARTIFACT over a text, and KL divergence and top-1 agreement vs a reference."""
-    from edge_runtime.converters.evaluate import evaluate
+    from edge_runtime.converters.evaluate import evaluate, kv_type_costs
     from edge_runtime.errors import InvalidConfigError
     from edge_runtime.models.spec import resolve_model
 
@@ -198,11 +200,18 @@ def eval_(artifact: str, reference: str | None, text: str | None, n_ctx: int, n_
         rows.show("evaluating", 0, None)
         report = evaluate(path, ref_path, text=text, n_ctx=n_ctx, n_chunks=n_chunks, threads=threads,
                           progress=lambda done, total: rows.show("evaluating", done, total, f"{done}/{total} windows"))
+        costs = kv_type_costs(path, text=text, n_ctx=n_ctx, n_chunks=n_chunks, threads=threads,
+                              progress=lambda done, total: rows.show("KV cache types", done, total,
+                                                                     f"{done}/{total} windows")) if kv_types else None
     if as_json:
         print_json({"artifact": str(path), "reference": str(ref_path) if ref_path else None,
-                    "text": text, **report.to_dict()})
+                    "text": text, **report.to_dict(), **({"kv_cache_types": costs} if costs is not None else {})})
         return
     click.echo(format_report(report, Path(path), ref_path, text))
+    for kv, cost in (costs or {}).items():
+        click.echo(f"{'kv ' + kv:<10} " + (f"unsupported: {cost['unsupported']}" if "unsupported" in cost else
+                                           f"KLD {cost['kld']:.6f} · top-1 {100 * cost['top1_agreement']:.2f}% "
+                                           "against an f16 KV cache"))
 
 
 def format_report(report: Any, path: Path, ref_path: Path | None, text: str | None) -> str:

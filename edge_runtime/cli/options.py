@@ -197,13 +197,63 @@ def plan_from_options(opts: dict[str, Any], profile_id: str | None = None, *, pa
 
 
 def load_planned(opts: dict[str, Any]) -> tuple[Any, Any]:
-    """(model, plan): the planned artifact loaded on the planned backend."""
+    """(model, plan): the planned artifact loaded on the planned backend, with the prompt cache
+    its command's options ask for."""
     from edge_runtime.backends import open_artifact
 
     chosen = plan_from_options(opts)
-    return open_artifact(chosen.artifact, chosen.settings, backend=chosen.backend), chosen
+    return with_prompt_cache(open_artifact(chosen.artifact, chosen.settings, backend=chosen.backend), opts), chosen
 
 
+class ByteSize(click.ParamType):
+    """A number of bytes: ``536870912``, ``512M``, ``512MiB``, ``2G`` (powers of 1024)."""
+
+    name = "bytes"
+    _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    MINIMUM = 1 << 20  # below this no saved state of a real model fits: the bound would evict every save
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            size = value
+        else:
+            text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
+            unit = text[-1:] if text[-1:] in self._UNITS and text[-1:] else ""
+            digits = text[: len(text) - len(unit)].strip()
+            if not digits.isdigit():
+                self.fail(f"{value!r} is not a size (such as 536870912, 512M or 2G)", param, ctx)
+            size = int(digits) * self._UNITS[unit]
+        if size < self.MINIMUM:
+            self.fail(f"{value!r} is less than the minimum, 1M (use --no-prompt-cache to turn it off)", param, ctx)
+        return size
+
+
+def prompt_cache_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--no-prompt-cache`` and ``--prompt-cache-bytes``, for the commands that generate."""
+    from edge_runtime.models.prompt_cache import DEFAULT_MAX_BYTES
+
+    func = click.option(
+        "--prompt-cache-bytes", "prompt_cache_bytes", type=ByteSize(), default=DEFAULT_MAX_BYTES,
+        show_default="512M", help="Bound of the prompt cache on disk (least recently used out first).")(func)
+    return click.option(
+        "--no-prompt-cache", "no_prompt_cache", is_flag=True,
+        help="Keep the prompt cache on disk off: no saved KV state is read or written "
+             "($EDGERT_HOME/prompt-cache; prefix reuse in memory stays).")(func)
+
+
+def with_prompt_cache(model: Any, opts: dict[str, Any]) -> Any:
+    """``model`` saving and restoring prompts in the store on disk, unless ``--no-prompt-cache``
+    (commands without the options leave it off)."""
+    from edge_runtime.models.prompt_cache import PromptCacheStore, attach
+
+    if "no_prompt_cache" in opts and not opts["no_prompt_cache"]:
+        attach(model, PromptCacheStore.default(opts["prompt_cache_bytes"]))
+    return model
+
+
+RESPONSE_CACHE = click.option(
+    "--response-cache", "response_cache", is_flag=True,
+    help="Answer exact repeats of greedy requests (temperature 0) from a cache on disk "
+         "($EDGERT_HOME/response-cache, at most 64 MiB, least recently used out first).")
 JSON_SCHEMA = click.option(
     "--json-schema", "json_schema", metavar="FILE", default=None,
     help="A JSON file holding a JSON Schema: every answer is JSON that follows it.")

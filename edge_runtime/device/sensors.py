@@ -13,6 +13,14 @@ from pathlib import Path
 POWERCAP = Path("/sys/class/powercap")
 
 
+def load_average() -> float | None:
+    """The system's 1-minute load average (runnable threads), or None where the OS has none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def cpu_temperature_c() -> float | None:
     """The CPU temperature now, as ``edgert device`` reads it (thermal zones, then psutil)."""
     from edge_runtime.device.readers import SystemFiles, read_thermal

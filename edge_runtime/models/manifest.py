@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,6 +237,11 @@ def _validate_artifact(entry: Any, label: str, fail: Any) -> None:
         fail(f"{label}.role: expected base or quantized")
     if entry.get("quality") is not None and not isinstance(entry["quality"], dict):
         fail(f"{label}.quality: expected an object or null")
+    kv = (entry.get("quality") or {}).get(KV_COSTS_KEY)
+    if kv is not None and (not isinstance(kv, dict) or not all(_is_kv_cost(c) or _is_kv_unsupported(c)
+                                                               for c in kv.values())):
+        fail(f"{label}.quality.{KV_COSTS_KEY}: expected an object of KV types, each with a finite kld "
+             "or why it is unsupported")
     profiles = entry.get("profiles", [])
     if not isinstance(profiles, list) or not all(isinstance(p, str) for p in profiles):
         fail(f"{label}.profiles: expected a list of profile ids")
@@ -244,6 +250,41 @@ def _validate_artifact(entry: Any, label: str, fail: Any) -> None:
     fallbacks = entry.get("fallbacks", [])
     if not isinstance(fallbacks, list) or not all(isinstance(f, str) for f in fallbacks):
         fail(f"{label}.fallbacks: expected a list of strings")
+
+
+# quality[KV_COSTS_KEY]: what each quantized KV cache type costs this artifact, measured by the
+# evaluator against an f16 cache on the same windows: {"q8_0": {"kld": 0.001, "top1_agreement": 0.99}},
+# or {"q4_0": {"unsupported": "why"}} where llama.cpp cannot make a context with that type.
+KV_COSTS_KEY = "kv_cache_types"
+
+
+def _is_kv_unsupported(cost: Any) -> bool:
+    return isinstance(cost, dict) and isinstance(cost.get("unsupported"), str)
+
+
+def _is_kv_cost(cost: Any) -> bool:
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+    return isinstance(cost, dict) and number(cost.get("kld")) and (
+        cost.get("top1_agreement") is None or number(cost["top1_agreement"]))
+
+
+def kv_cache_unsupported(quality: dict[str, Any] | None) -> dict[str, str]:
+    """The KV cache types the evaluator found llama.cpp cannot use with this artifact, and why."""
+    found = (quality or {}).get(KV_COSTS_KEY)
+    if not isinstance(found, dict):
+        return {}
+    return {str(kv): cost["unsupported"] for kv, cost in found.items() if _is_kv_unsupported(cost)}
+
+
+def kv_cache_costs(quality: dict[str, Any] | None) -> dict[str, dict[str, float]]:
+    """The measured cost of each KV cache type (``kld``, ``top1_agreement``) in an artifact's quality;
+    entries that are not well formed are left out (an artifact described without a manifest has none)."""
+    found = (quality or {}).get(KV_COSTS_KEY)
+    if not isinstance(found, dict):
+        return {}
+    return {str(kv): cost for kv, cost in found.items() if _is_kv_cost(cost)}
 
 
 @dataclass(frozen=True)

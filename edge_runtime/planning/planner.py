@@ -2,8 +2,9 @@
 
 Backends are tried in the profile's preference order (those not available here are rejected with
 the reason), artifacts in the order of the profile's quant ladder, and for each the settings are
-fitted to the memory budget: GPU layers to free VRAM, the context to what is left. The first
-artifact that fits wins; every alternative that lost is listed with why.
+fitted to the memory budget: GPU layers to free VRAM, a quantized KV cache before a shorter context
+(``kv_cache``), the context to what is left. The first artifact that fits wins; every alternative
+that lost is listed with why.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from edge_runtime.backends.base import Availability, Settings
 from edge_runtime.device.info import DeviceInfo
 from edge_runtime.errors import BackendUnavailableError, DoesNotFitError, EdgeRuntimeError
 from edge_runtime.models.artifact import Artifact
+from edge_runtime.models.prompt_cache import support_reason as prompt_cache_support
+from edge_runtime.planning.kv_cache import kv_levers, refused_kv_types
 from edge_runtime.planning.memory import MemoryEstimate
 from edge_runtime.planning.profiles import DeviceProfile
 from edge_runtime.planning.split import WorkerShare, split_over, usable_bytes, worker_shares
@@ -169,6 +172,7 @@ def _choose(artifacts: list[Artifact], device: DeviceInfo, profile: DeviceProfil
                 *fit_reasons,
                 f"memory: est. {_fmt(memory.total_bytes)} of {_fmt(budget)} budget "
                 f"({_fmt(device.memory.available_bytes or 0)} available − {_fmt(profile.headroom_bytes)} headroom)",
+                prompt_cache_support(name, split=bool(settings.rpc_servers)),
             ]
             return Plan(name, artifact, settings, memory, budget, profile.id, tuple(reasons), tuple(rejected),
                         shares)
@@ -233,7 +237,7 @@ def _fit(
     kv = request.kv_cache_type or profile.kv_cache_type
 
     def fits(n_ctx: int, gpu_layers: int) -> bool:
-        est = estimate(n_ctx, gpu_layers)
+        est = estimate(n_ctx, gpu_layers, kv)
         if gpu is not None and gpu.unified_memory:
             return est.total_bytes + est.vram_bytes <= budget  # one pool for both
         offload_ok = (gpu is None and not workers) or est.vram_bytes <= offload_budget
@@ -251,9 +255,23 @@ def _fit(
 
     n_ctx = want
     gpu_layers = best_gpu_layers(n_ctx)
+    if not fits(n_ctx, gpu_layers) and request.kv_cache_type is None and request.ctx is None and not overcommit:
+        # Lever one: a quantized KV cache at the profile's context (kv_cache.py says why this order);
+        # an explicit --ctx is planned as asked, with the profile's KV type, or refused.
+        reasons += refused_kv_types(artifact)
+        needed = estimate(n_ctx, gpu_layers, kv).total_bytes
+        for lighter, cost in kv_levers(artifact, kv):
+            previous, kv = kv, lighter
+            if fits(n_ctx, best_gpu_layers(n_ctx)):
+                reasons.append(f"kv cache {lighter} (flash attention on, which llama.cpp needs for it) before a "
+                               f"shorter context: {previous} needs {_fmt(needed)} at ctx {n_ctx}, the budget is "
+                               f"{_fmt(budget)}; {cost}")
+                gpu_layers = best_gpu_layers(n_ctx)
+                break
+            kv = previous
     if not fits(n_ctx, gpu_layers):
         largest = _largest_fitting_ctx(lambda c: fits(c, best_gpu_layers(c)), want)
-        need = estimate(want, gpu_layers).total_bytes
+        need = estimate(want, gpu_layers, kv).total_bytes
         why = f"needs {_fmt(need)} at ctx {want}, the budget is {_fmt(budget)}"
         if overcommit:
             reasons.append(f"--force: loaded although it {why}")
@@ -262,9 +280,11 @@ def _fit(
         elif request.ctx is not None:
             raise _NoFit(why, f"--ctx {largest} fits with {artifact.label}")
         else:
-            reasons.append(f"ctx lowered from {want} to {largest} to fit the memory budget")
+            reasons.append(f"ctx lowered from {want} to {largest} to fit the memory budget"
+                           + (f" (kv cache {kv}: no quantized KV type fits ctx {want} either)"
+                              if request.kv_cache_type is None and kv_levers(artifact, kv) else ""))
             n_ctx, gpu_layers = largest, best_gpu_layers(largest)
-    memory = estimate(n_ctx, gpu_layers)
+    memory = estimate(n_ctx, gpu_layers, kv)
     if gpu is not None:
         reasons.append(f"gpu layers {gpu_layers} of {n_layer + 1} on {gpu.name} "
                        f"(est. {_fmt(memory.vram_bytes)} of {_fmt(_vram_budget(gpu))} usable VRAM)")
@@ -288,16 +308,15 @@ def _fit(
 
 def _estimator(
     artifact: Artifact, device: DeviceInfo, profile: DeviceProfile, request: PlanRequest
-) -> tuple[Callable[[int, int], MemoryEstimate], int, int]:
-    """(estimate(n_ctx, gpu_layers), the model's largest context, its layer count)."""
-    kv = request.kv_cache_type or profile.kv_cache_type
+) -> tuple[Callable[[int, int, str], MemoryEstimate], int, int]:
+    """(estimate(n_ctx, gpu_layers, kv cache type), the model's largest context, its layer count)."""
     if artifact.format == "gguf":
         from edge_runtime.formats.gguf import read_gguf_header
         from edge_runtime.planning.memory import estimate_memory
 
         header = read_gguf_header(artifact.path, parts=artifact.parts)
 
-        def gguf_estimate(n_ctx: int, gpu_layers: int) -> MemoryEstimate:
+        def gguf_estimate(n_ctx: int, gpu_layers: int, kv: str) -> MemoryEstimate:
             return estimate_memory(header, n_ctx=n_ctx, n_parallel=request.n_parallel, type_k=kv, type_v=kv,
                                    n_gpu_layers=gpu_layers, n_batch=profile.n_batch, n_ubatch=profile.n_batch,
                                    flash_attn=True, cpu_features=device.cpu.flags or None)
@@ -309,7 +328,7 @@ def _estimator(
         raise _NoFit(f"no memory estimate for {artifact.format} artifacts")
     estimate_other = registry.resolve(spec.estimator)
 
-    def other_estimate(n_ctx: int, gpu_layers: int) -> MemoryEstimate:
+    def other_estimate(n_ctx: int, gpu_layers: int, kv: str) -> MemoryEstimate:
         return estimate_other(artifact.path, n_ctx=n_ctx, n_parallel=request.n_parallel)  # type: ignore[operator]
 
     # For TFLite the context is fixed by the exported KV cache; converters record it here.

@@ -12,6 +12,7 @@ import re
 from html import escape
 from typing import TYPE_CHECKING
 
+from edge_runtime.report.anatomy import anatomy_table
 from edge_runtime.report.tables import artifact_tables, device_table, fleet_table, recommendation_line
 
 if TYPE_CHECKING:
@@ -94,6 +95,9 @@ def render_html(report: Report, plots: list[Plot]) -> str:
                     f'<span class="{css}">{escape(floor.status)}</span> — {escape(floor.why)}</p>')
         body += [figure_html(p) for p in plots if p.device == run.label]
         body += [table_html(t) for t in artifact_tables(run)]
+        anatomy = anatomy_table(run)
+        if anatomy is not None:
+            body.append(table_html(anatomy))
         if run.result.skipped:
             body.append("<ul>" + "".join(
                 f"<li>skipped {escape(str(s.get('artifact')))} ({escape(str(s.get('backend')))}): "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from edge_runtime.report.anatomy import anatomy_table
 from edge_runtime.report.tables import artifact_tables, device_table, fleet_table, recommendation_line
 
 if TYPE_CHECKING:
@@ -58,6 +59,9 @@ def render_markdown(report: Report, plots: list[Plot]) -> str:
         lines += [line for p in plots if p.device == run.label for line in _image(p)]
         for table in artifact_tables(run):
             lines += table_markdown(table)
+        anatomy = anatomy_table(run)
+        if anatomy is not None:
+            lines += table_markdown(anatomy)
         for skip in run.result.skipped:
             lines.append(f"- skipped {_cell(str(skip.get('artifact')))} ({_cell(str(skip.get('backend')))}): "
                          f"{_cell(str(skip.get('why')))}")

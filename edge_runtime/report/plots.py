@@ -55,6 +55,9 @@ def draw_plots(report: Report) -> list[Plot]:
         if run.result.results:
             plots.append(Plot(f"decode-{i}", f"Decode tokens/s — {run.label}", decode_plot(run), run.label))
             plots.append(Plot(f"ttft-{i}", f"Time to first token — {run.label}", ttft_plot(run), run.label))
+        anatomy = anatomy_plot(run)
+        if anatomy is not None:
+            plots.append(Plot(f"anatomy-{i}", f"Where one reply's time goes — {run.label}", anatomy, run.label))
     quality = quality_plot(report)
     if quality is not None:
         plots.append(Plot("quality", "Quality against size", quality))
@@ -82,6 +85,30 @@ def decode_plot(run: Any) -> bytes:
     ax.set_xlim(left=0)
     fig.legend(loc="outside upper right", ncols=2, fontsize="small")
     ax.grid(axis="x", alpha=0.3)
+    return _png(fig)
+
+
+def anatomy_plot(run: Any) -> bytes | None:
+    """Stacked bars of one reply's load, prefill, decode and transfer, for a short and a long prompt."""
+    from edge_runtime.report.anatomy import TERMS, replies
+
+    bars = replies(run)
+    if not bars:
+        return None
+    fig = _figure(7.5, 1.4 + 0.45 * len(bars))
+    ax = fig.add_subplot()
+    y = list(range(len(bars)))
+    left = [0.0] * len(bars)
+    for term, color in zip(TERMS, ("#9d755d", "#4c78a8", "#f58518", "#54a24b"), strict=True):
+        widths = [terms[term] for _, _, terms in bars]
+        ax.barh(y, widths, left=left, color=color, label=term)
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    ax.set_yticks(y, [f"{label} · {prompt}" for label, prompt, _ in bars])
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds")
+    ax.set_xlim(left=0)
+    ax.grid(axis="x", alpha=0.3)
+    fig.legend(loc="outside upper right", ncols=4, fontsize="small")
     return _png(fig)
 
 

@@ -33,10 +33,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from edge_runtime.backends.base import Model
+from edge_runtime.backends.base import Embedder, Model
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.server.access import CORS_HEADERS, HostOriginGuard, KeyGuard
 from edge_runtime.server.anthropic_routes import anthropic_routes
+from edge_runtime.server.embeddings import openai_embeddings
 from edge_runtime.server.metrics import RequestCounter
 from edge_runtime.server.ollama_routes import ollama_routes
 from edge_runtime.server.openai_routes import complete
@@ -46,15 +47,29 @@ from edge_runtime.server.state import ServerState
 from edge_runtime.server.wire import ApiError
 
 
-def create_app(config: ServerConfig, load_model: Callable[[], Model]) -> Starlette:
-    """The ASGI application; the model loads in a thread when the server starts."""
-    state = ServerState(config, load_model)
+def create_app(config: ServerConfig, load_model: Callable[[], Model],
+               load_embedder: Callable[[Model], Embedder] | None = None) -> Starlette:
+    """The ASGI application; the model (and ``load_embedder(model)``'s embedding model, when given)
+    loads in a thread when the server starts."""
+    def load() -> Model:
+        model = load_model()
+        if load_embedder is not None:
+            try:
+                state.embedder = load_embedder(model)
+            except BaseException:
+                model.close()
+                raise
+        return model
+
+    state = ServerState(config, load)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         loader = threading.Thread(target=state.load, name="edgert-model-load", daemon=True)
         loader.start()
         yield
+        if state.embedder is not None:  # first: it may share the chat model's weights
+            await asyncio.to_thread(state.embedder.close)
         if state.model is not None:
             await asyncio.to_thread(state.model.close)
 
@@ -64,6 +79,7 @@ def create_app(config: ServerConfig, load_model: Callable[[], Model]) -> Starlet
         Route("/v1/models", partial(_models, state), methods=["GET"]),
         Route("/v1/chat/completions", partial(complete, state, "chat"), methods=["POST"]),
         Route("/v1/completions", partial(complete, state, "text"), methods=["POST"]),
+        Route("/v1/embeddings", partial(openai_embeddings, state), methods=["POST"]),
         *ollama_routes(state),
         *anthropic_routes(state),
     ]
@@ -101,8 +117,9 @@ async def _metrics(state: ServerState, request: Request) -> Response:
 
 async def _models(state: ServerState, request: Request) -> Response:
     created = int(time.time())
+    ids = dict.fromkeys((state.config.model_id, state.config.embedding_model_id or state.config.model_id))
     return JSONResponse({"object": "list", "data": [
-        {"id": state.config.model_id, "object": "model", "created": created, "owned_by": "edge-runtime"}]})
+        {"id": model_id, "object": "model", "created": created, "owned_by": "edge-runtime"} for model_id in ids]})
 
 
 # -- errors -----------------------------------------------------------------------------------

@@ -34,6 +34,11 @@ class ServerMetrics:
                                       buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500), registry=r)
         self.queue_depth = Gauge("edgert_queue_depth", "Requests waiting for a slot", registry=r)
         self.slots_busy = Gauge("edgert_slots_busy", "Slots generating now", registry=r)
+        # Deterministic requests only, and only when the server runs with --response-cache.
+        self.response_cache_hits = Counter("edgert_response_cache_hits",
+                                           "Answers replayed from the response cache", registry=r)
+        self.response_cache_misses = Counter("edgert_response_cache_misses",
+                                             "Cacheable requests the response cache did not hold", registry=r)
 
     def observe(self, stats: GenerationStats | None, finish_reason: str) -> None:
         """Record one finished generation."""

@@ -27,11 +27,15 @@ from edge_runtime.server.requests import (
     TokenLogprob,
     ToolCallPiece,
 )
+from edge_runtime.server.wire import logprob_entry
 
 
-def _usage(finished: Finished) -> dict[str, int]:
+def _usage(finished: Finished) -> dict[str, Any]:
+    """OpenAI's usage, with the prompt tokens the KV cache (or the response cache) already held."""
+    cached = finished.stats.cached_tokens if finished.stats is not None else 0
     return {"prompt_tokens": finished.prompt_tokens, "completion_tokens": finished.completion_tokens,
-            "total_tokens": finished.prompt_tokens + finished.completion_tokens}
+            "total_tokens": finished.prompt_tokens + finished.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _envelope(req: GenerationRequest, rid: str, model_id: str, chunk: bool) -> dict[str, Any]:
@@ -42,12 +46,8 @@ def _envelope(req: GenerationRequest, rid: str, model_id: str, chunk: bool) -> d
 def _chat_logprobs(items: list[TokenLogprob] | tuple[TokenLogprob, ...], asked: bool) -> dict[str, Any] | None:
     if not asked:
         return None
-
-    def entry(token: str, logprob: float) -> dict[str, Any]:
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
-
-    return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(s, v) for s, v in t.top]}
-                        for t in items], "refusal": None}
+    return {"content": [{**logprob_entry(t.token, t.logprob),
+                         "top_logprobs": [logprob_entry(s, v) for s, v in t.top]} for t in items], "refusal": None}
 
 
 class TextLogprobs:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from functools import wraps
 from typing import Any
@@ -271,19 +271,31 @@ def _generate_in_thread(state: ServerState, model: Model, tokens: list[int], par
         except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
             cancel.cancel()
 
+    def deliver(events: Iterator[TokenEvent], observe: bool) -> None:
+        for i, event in enumerate(events):
+            if i == 0:
+                put(_STARTED)
+            for item in shaper.push(event):
+                put(item)
+            if observe and event.finish_reason is not None:  # here, so abandoned streams count too
+                state.metrics.observe(event.stats, event.finish_reason)
+
     def work() -> None:
         running = False
+        cached = state.config.response_cache
         try:
+            key = cached.key(tokens, params) if cached is not None else None  # None: not deterministic
+            if cached is not None and key is not None:
+                entry = cached.lookup(key)
+                (state.metrics.response_cache_hits if entry else state.metrics.response_cache_misses).inc()
+                if entry is not None:  # a replay needs no slot and computes nothing
+                    deliver(cached.replay(entry, len(tokens), cancel), observe=False)
+                    return
             with model.acquire_slot(tokens, timeout=state.config.queue_timeout_s) as slot:
                 running = True
                 state.started()
-                for i, event in enumerate(slot.generate(tokens, params, cancel=cancel)):
-                    if i == 0:
-                        put(_STARTED)
-                    for item in shaper.push(event):
-                        put(item)
-                    if event.finish_reason is not None:  # here, so abandoned streams count too
-                        state.metrics.observe(event.stats, event.finish_reason)
+                events = slot.generate(tokens, params, cancel=cancel)
+                deliver(cached.recording(key, events) if cached is not None and key is not None else events, True)
         except BaseException as exc:  # delivered to the handler, which answers with it
             put(exc)
         finally:

@@ -6,14 +6,18 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from edge_runtime.backends.base import Model
+from edge_runtime.backends.base import Embedder, Model
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.server.access import answered_hosts
 from edge_runtime.server.admission import MemoryAdmission
 from edge_runtime.server.metrics import ServerMetrics
 from edge_runtime.server.wire import ApiError
 from edge_runtime.session import ChatFormatter
+
+if TYPE_CHECKING:
+    from edge_runtime.server.response_replay import CachedResponses
 
 log = logging.getLogger("edgert.server")
 
@@ -34,8 +38,11 @@ class ServerConfig:
     retry_after_s: int = 2
     # The RSS this process may reach (what it had before loading plus the plan's budget); None: no check.
     memory_limit_bytes: int | None = None
+    embedding_model_id: str | None = None  # the id /v1/embeddings answers for (--embedding-model); None: none
     header_timeout_s: float = 10.0  # to send a whole request head (``listen``)
     body_timeout_s: float = 30.0  # to send a whole request body, once its head is in
+    # Exact repeats of greedy requests answered from disk (--response-cache); None: off.
+    response_cache: CachedResponses | None = None
 
 
 class ServerState:
@@ -45,6 +52,7 @@ class ServerState:
         self.config = config
         self._load_model = load_model
         self.model: Model | None = None
+        self.embedder: Embedder | None = None  # loaded with the model when the config names one
         self.formatter: ChatFormatter | None = None
         self.load_error: str | None = None
         self.metrics = ServerMetrics()

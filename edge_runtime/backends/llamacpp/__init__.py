@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from edge_runtime.backends.base import Availability, Settings
 
 if TYPE_CHECKING:
+    from edge_runtime.backends.llamacpp.embeddings import LlamaCppEmbedder
     from edge_runtime.backends.llamacpp.model import LlamaCppModel
     from edge_runtime.backends.llamacpp.remote import RemoteModel
 
@@ -135,3 +136,16 @@ class LlamaCppBackend:
         from edge_runtime.backends.llamacpp.model import LlamaCppModel
 
         return LlamaCppModel(path, settings)
+
+    @classmethod
+    def load_embedder(cls, path: str, settings: Settings, *, beside: object = None) -> LlamaCppEmbedder:
+        """An embedding engine for the GGUF at ``path``; when ``beside`` is a chat model loaded here
+        from the same file, it shares that model's weights (a second context, no second copy)."""
+        import os
+
+        from edge_runtime.backends.llamacpp.embeddings import LlamaCppEmbedder
+        from edge_runtime.backends.llamacpp.model import LlamaCppModel
+
+        if isinstance(beside, LlamaCppModel) and beside.native_model.ptr and os.path.samefile(beside.path, path):
+            return LlamaCppEmbedder(path, settings, shared=beside.native_model)
+        return LlamaCppEmbedder(path, settings)

@@ -29,9 +29,11 @@ from edge_runtime.backends.llamacpp.sampler import Sampler
 from edge_runtime.backends.sampling import token_logprobs
 from edge_runtime.backends.text import StreamingText
 from edge_runtime.errors import GenerationError
+from edge_runtime.models.prompt_cache import common_length
 
 if TYPE_CHECKING:
     from edge_runtime.backends.llamacpp.model import LlamaCppModel
+    from edge_runtime.models.prompt_cache import CachedPrefix
 
 
 class _Sequence:
@@ -65,6 +67,7 @@ class _Request:
     grammar: GrammarState | None = None
     sampler: Sampler | None = None
     text: StreamingText | None = None
+    restore: CachedPrefix | None = None  # a saved state of a longer prefix, read from disk
 
 
 class LlamaCppSlot:
@@ -92,6 +95,11 @@ class LlamaCppSlot:
         if scheduler is None:
             raise GenerationError("the model is closed")
         request = _Request(self.seq, tokens, params, cancel or CancelToken(), template=template)
+        disk = self._model.disk
+        if disk is not None:  # read and checked here, on the caller's thread: the scheduler never waits for a disk
+            # Only a state longer than any slot holds: a prefix in memory is copied for free.
+            held = max(common_length(list(slot.seq.prefix.tokens), tokens) for slot in self._model.slots)
+            request.restore = disk.lookup(tokens, held)
         self._current = request
         scheduler.submit(request)
         return _stream(request)
@@ -172,6 +180,15 @@ class BatchScheduler:
 
     def _start(self, request: _Request) -> None:
         request.kept = reuse_prefix(self._ctx, request.seq, request.tokens, self._model.n_swa)
+        entry, request.restore = request.restore, None
+        disk = self._model.disk
+        if entry is not None and disk is not None and min(entry.shared, len(request.tokens) - 1) > request.kept:
+            seq = request.seq
+            self._ctx.seq_clear(seq.seq_id)
+            restored = disk.restore(self._ctx, seq.seq_id, entry)
+            seq.prefix.tokens[:] = entry.tokens if restored else []
+            # Cut the restored cache back to the part the prompt shares, as for a prefix in memory.
+            request.kept = reuse_prefix(self._ctx, seq, request.tokens, self._model.n_swa)
         request.todo = request.tokens[request.kept :]
         request.pos = request.kept
         info = self._model.info
@@ -203,6 +220,8 @@ class BatchScheduler:
         # another, so the first answers while the next is evaluated (on a CPU, evaluating them in
         # one batch saves little and makes every one of them wait for all).
         request = next((r for r in self._active if r.next_token is None and r.todo), None)
+        if request is not None:
+            self._share_prefix(request)
         if request is not None and len(entries) < n_batch:
             chunk = request.todo[: n_batch - len(entries)]
             done = len(chunk) == len(request.todo)
@@ -282,7 +301,40 @@ class BatchScheduler:
         text = request.text.flush() if request.text is not None else ""
         self._release(request)
         request.events.put(TokenEvent(None, text, reason, stats))
-        request.finished.set()
+        try:
+            disk = self._model.disk  # read once: ``use_prompt_cache`` may swap it between steps
+            if disk is not None:  # after the answer is out: the copy delays only the next step
+                disk.save_later(self._ctx, request.seq.seq_id, request.seq.prefix.tokens)
+        finally:
+            request.finished.set()  # after the copy is queued: ``disk.flush`` after a stream ends sees it
+
+    def _share_prefix(self, request: _Request) -> None:
+        """Copy from another slot the part of the prompt it holds beyond what this one has.
+
+        N clients with the same system prompt pay for it once: prompts are prefilled one after
+        another, so when the second comes up the first already holds the shared part.
+        """
+        best, best_len = None, request.pos
+        last = len(request.tokens) - 1  # the last prompt token is evaluated: its logits pick the first token
+        for slot in self._model.slots:
+            other = slot.seq
+            if other is request.seq:
+                continue
+            n = min(other.prefix.common_length(request.tokens), last)
+            if n > best_len:
+                best, best_len = other, n
+        if best is None or self._model.recurrent:
+            return  # a recurrent state is one per sequence: ``seq_cp`` cannot share a part of it
+        n_swa = self._model.n_swa
+        if n_swa > 0 and self._ctx.seq_pos_min(best.seq_id) > max(0, best_len - n_swa):
+            return  # the window the next token attends to has left the other slot's cache
+        seq = request.seq
+        self._ctx.seq_clear(seq.seq_id)
+        self._ctx.seq_copy(best.seq_id, seq.seq_id, best_len)
+        request.kept += best_len - request.pos
+        seq.prefix.tokens[:] = request.tokens[:best_len]
+        request.pos = best_len
+        request.todo = request.tokens[best_len:]
 
     def _fail(self, request: _Request, exc: BaseException) -> None:
         # The cache may hold part of a failed batch: forget the sequence rather than trust it.

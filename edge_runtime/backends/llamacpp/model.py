@@ -13,7 +13,7 @@ import ctypes
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,11 +30,14 @@ from edge_runtime.backends.base import (
 from edge_runtime.backends.constraints import GrammarCompiler
 from edge_runtime.backends.llamacpp import native
 from edge_runtime.backends.llamacpp.batch import BatchScheduler, LlamaCppSlot
+from edge_runtime.backends.llamacpp.disk_prefixes import DiskPrefixes
 from edge_runtime.backends.slots import SlotPool
 from edge_runtime.errors import GenerationError
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from edge_runtime.models.prompt_cache import PromptCacheStore
 
 
 class LlamaCppModel:
@@ -73,10 +76,12 @@ class LlamaCppModel:
         )
         self.path = str(path)
         self.n_swa = native.model_n_swa(self.native_model)
+        self.recurrent = native.model_has_recurrent_state(self.native_model)
         self.piece_buffer = ctypes.create_string_buffer(256)  # scheduler thread only
         self.evaluated_total = 0  # prompt + generated tokens evaluated since load
         self.slots = SlotPool([LlamaCppSlot(self, i) for i in range(self.settings.n_parallel)])
         self.grammars = GrammarCompiler(self._grammar_tokenizer, self.info.n_vocab)
+        self.disk: DiskPrefixes | None = None  # the prompt cache on disk, once ``use_prompt_cache`` set it
         self.scheduler: BatchScheduler | None = BatchScheduler(self)
         self._scoring: native.ScoringContext | None = None
         self._scoring_lock = threading.Lock()
@@ -152,10 +157,29 @@ class LlamaCppModel:
                 raise GenerationError("the model is closed")
             if self._scoring is None:
                 self._scoring = native.ScoringContext(self.native_model, self.info.n_ctx, self.n_threads,
-                                                      self.settings.n_threads_batch or self.n_threads)
+                                                      self.settings.n_threads_batch or self.n_threads,
+                                                      self.settings.type_k, self.settings.type_v)
             yield from self._scoring.logit_rows(tokens, first)
         finally:
             self._scoring_lock.release()
+
+    def use_prompt_cache(self, store: PromptCacheStore | None) -> None:
+        """Save evaluated prefixes to ``store`` after each answer and restore them from it (None: stop).
+
+        The artifact's sha256 keys the entries: taken from the record ``open_artifact`` keeps (a
+        file never hashed before is hashed once, here, and remembered).
+        """
+        from edge_runtime.models.trust import recorded_sha256
+
+        disk = None
+        if store is not None:
+            disk = DiskPrefixes(store, recorded_sha256(Path(self.path)), self.settings, native.library_version(),
+                                whole_states_only=self.n_swa > 0 or self.recurrent)
+        # Swapped between scheduler steps: a step in progress keeps the one it read.
+        with self.scheduler.context_lock if self.scheduler is not None else nullcontext():
+            old, self.disk = self.disk, disk
+        if old is not None:
+            old.close()
 
     def reset(self) -> None:
         """Forget the cache of every idle slot (their next call evaluates the whole prompt)."""
@@ -174,6 +198,9 @@ class LlamaCppModel:
             self.scheduler = None
         if self._scoring is not None:
             self._scoring.close()
+        if self.disk is not None:  # after the scheduler: its last saves are in the writer's hands
+            self.disk.close()
+            self.disk = None
         self.grammars.close()  # before the vocabulary its tokenizer points into
         self.context.close()
         self.native_model.close()

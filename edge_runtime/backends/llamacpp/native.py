@@ -150,6 +150,10 @@ class NativeModel:
             self.ptr = None
 
 
+# Sliding-window layers keep only the window (see NativeContext); part of a saved state's key.
+SWA_FULL = False
+
+
 class NativeContext:
     """Owns a ``llama_context`` and a reusable ``llama_batch``."""
 
@@ -177,7 +181,7 @@ class NativeContext:
         # The C API's default keeps a full-size cache for sliding-window layers; llama.cpp's own
         # tools keep only the window (much less memory) and so do we: the backend checks what
         # the window still holds before it reuses a prefix.
-        params.swa_full = False
+        params.swa_full = SWA_FULL
         self.ptr = ptr = _new_context(model, params, "a context", "try a smaller --ctx or another KV cache type")
         self.memory = _c.llama_get_memory(ptr)
         self.n_ctx = _c.llama_n_ctx(ptr)
@@ -210,6 +214,31 @@ class NativeContext:
     def seq_pos_min(self, seq_id: int) -> int:
         return int(_c.llama_memory_seq_pos_min(self.memory, seq_id))
 
+    def seq_copy(self, src: int, dst: int, end: int) -> None:
+        """Let sequence ``dst`` share positions ``0..end-1`` of ``src`` (no evaluation, no copy of
+        the cells in a unified cache)."""
+        _c.llama_memory_seq_cp(self.memory, src, dst, 0, end)
+
+    def seq_state_size(self, seq_id: int) -> int:
+        """Bytes ``seq_state`` would copy (``llama_state_seq_get_size``)."""
+        return int(_c.llama_state_seq_get_size(self.ptr, seq_id))
+
+    def seq_state(self, seq_id: int) -> memoryview:
+        """The KV state of one sequence (``llama_state_seq_get_data``), for ``set_seq_state``."""
+        size = self.seq_state_size(seq_id)
+        buf = (ctypes.c_uint8 * size)()
+        n = _c.llama_state_seq_get_data(self.ptr, buf, size, seq_id)
+        return memoryview(buf).cast("B")[:n]
+
+    def set_seq_state(self, seq_id: int, state: bytearray) -> bool:
+        """Replace one sequence's cache with a saved state; False when llama.cpp refuses it (the
+        sequence is then cleared)."""
+        src = (ctypes.c_uint8 * len(state)).from_buffer(state)
+        if _c.llama_state_seq_set_data(self.ptr, src, len(state), seq_id) == len(state):
+            return True
+        self.seq_clear(seq_id)
+        return False
+
     def logits_row(self, index: int, n_vocab: int) -> np.ndarray:
         """The raw logits of batch row ``index`` of the last decode: a view the next decode overwrites."""
         return np.ctypeslib.as_array(_c.llama_get_logits_ith(self.ptr, index), shape=(n_vocab,))
@@ -233,7 +262,8 @@ class ScoringContext:
     tokens from position 0, flash attention as llama.cpp's ``auto`` decides it.
     """
 
-    def __init__(self, model: NativeModel, n_ctx: int, n_threads: int, n_threads_batch: int) -> None:
+    def __init__(self, model: NativeModel, n_ctx: int, n_threads: int, n_threads_batch: int,
+                 type_k: str = "f16", type_v: str = "f16") -> None:
         self.n_vocab = vocab_size(model.vocab)
         self.n_batch = min(n_ctx, 512, max(32, _MAX_SCORED_FLOATS // max(1, self.n_vocab)))
         params = _c.llama_context_default_params()
@@ -243,6 +273,11 @@ class ScoringContext:
         params.n_seq_max = 1
         params.n_threads, params.n_threads_batch = n_threads, n_threads_batch
         params.flash_attn_type = _c.LLAMA_FLASH_ATTN_TYPE_AUTO
+        # The KV type of the settings, so the evaluator can measure what a quantized cache costs;
+        # llama.cpp needs flash attention for a quantized V cache.
+        params.type_k, params.type_v = KV_CACHE_TYPES[type_k], KV_CACHE_TYPES[type_v]
+        if type_v not in ("f32", "f16", "bf16"):
+            params.flash_attn_type = _c.LLAMA_FLASH_ATTN_TYPE_ENABLED
         params.no_perf = True
         self.ptr = ptr = _new_context(model, params, "a scoring context", "try a smaller --ctx")
         self.memory = _c.llama_get_memory(ptr)
@@ -322,6 +357,12 @@ def special_tokens(vocab: object) -> tuple[int, int]:
 
 def model_n_swa(model: NativeModel) -> int:
     return int(_c.llama_model_n_swa(model.ptr))
+
+
+def model_has_recurrent_state(model: NativeModel) -> bool:
+    """Whether the model keeps a recurrent state (Mamba, RWKV; hybrids such as LFM2, Granite-H):
+    one state per sequence that cannot be cut back to a position nor shared in part."""
+    return bool(_c.llama_model_is_recurrent(model.ptr) or _c.llama_model_is_hybrid(model.ptr))
 
 
 def model_counts(model: NativeModel) -> tuple[int, int, int]:
