@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterator
 
 from executables import find_edgert
-from rpc_split import PROMPT, decode, workers
+from rpc_split import PROMPT, decode, serving, workers
 
 from edge_runtime.backends.base import Settings
 from edge_runtime.local_server import free_port
@@ -73,60 +73,23 @@ def namespaces(count: int, rate: str) -> Iterator[list[str]]:
 @contextlib.contextmanager
 def namespaced_workers(edgert: str, names: list[str], threads: int, first: int = 0) -> Iterator[tuple[str, ...]]:
     """One ``edgert worker`` inside each namespace, on its veth address (``names`` from the ``first``th)."""
-    from edge_runtime.backends.llamacpp import rpc
-    from edge_runtime.errors import WorkerUnavailableError
-
     endpoints = tuple(f"{SUBNET.format(i=first + i, host=2)}:{WORKER_PORT}" for i in range(len(names)))
     processes = [subprocess.Popen(["ip", "netns", "exec", ns, edgert, "worker", "--host", e.rpartition(":")[0],
                                    "--port", str(WORKER_PORT), "--threads", str(threads)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
                  for ns, e in zip(names, endpoints, strict=True)]
-    try:
-        for endpoint, process in zip(endpoints, processes, strict=True):
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    rpc.check_reachable(endpoint, timeout=1)
-                    break
-                except WorkerUnavailableError:
-                    if process.poll() is not None or time.monotonic() > deadline:
-                        raise SystemExit(f"the worker on {endpoint} did not start") from None
-                    time.sleep(0.2)
-        yield endpoints
-    finally:
-        for process in processes:
-            process.kill()
-            process.wait()
+    with serving(endpoints, processes, "worker") as ready:
+        yield ready
 
 
 @contextlib.contextmanager
 def delayed(endpoints: tuple[str, ...], delay_ms: float) -> Iterator[tuple[str, ...]]:
     """A relay per endpoint, on loopback, holding every chunk ``delay_ms`` each way."""
-    from edge_runtime.backends.llamacpp import rpc
-    from edge_runtime.errors import WorkerUnavailableError
-
-    relays, fronts = [], []
-    for endpoint in endpoints:
-        front = f"127.0.0.1:{free_port()}"
-        relays.append(subprocess.Popen([sys.executable, __file__, "--relay", front, endpoint, str(delay_ms)],
-                                       stdin=subprocess.DEVNULL))
-        fronts.append(front)
-    try:
-        for front in fronts:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    rpc.check_reachable(front, timeout=1)
-                    break
-                except WorkerUnavailableError:
-                    if time.monotonic() > deadline:
-                        raise SystemExit(f"the relay on {front} did not start") from None
-                    time.sleep(0.1)
-        yield tuple(fronts)
-    finally:
-        for relay in relays:
-            relay.kill()
-            relay.wait()
+    fronts = tuple(f"127.0.0.1:{free_port()}" for _ in endpoints)
+    relays = [subprocess.Popen([sys.executable, __file__, "--relay", front, endpoint, str(delay_ms)],
+                               stdin=subprocess.DEVNULL) for front, endpoint in zip(fronts, endpoints, strict=True)]
+    with serving(fronts, relays, "relay", timeout_s=30) as ready:
+        yield ready
 
 
 def relay(listen: str, target: str, delay_ms: float) -> None:

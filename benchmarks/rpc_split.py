@@ -36,31 +36,40 @@ PROMPT = "The following is a detailed history of the city of Rome, from its lege
 
 
 @contextlib.contextmanager
-def workers(edgert: str, count: int, threads: int) -> Iterator[tuple[str, ...]]:
-    """``count`` real ``edgert worker`` processes on loopback, stopped afterwards."""
+def serving(endpoints: tuple[str, ...], processes: list[subprocess.Popen], what: str,
+            timeout_s: float = 60) -> Iterator[tuple[str, ...]]:
+    """``endpoints`` once each answers a TCP connect (a process that dies first is an error); the
+    processes are killed afterwards."""
     from edge_runtime.backends.llamacpp import rpc
     from edge_runtime.errors import WorkerUnavailableError
 
-    endpoints = tuple(f"{LOOPBACK}:{free_port()}" for _ in range(count))
-    processes = [subprocess.Popen([edgert, "worker", "--port", e.rpartition(":")[2], "--threads", str(threads)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-                 for e in endpoints]
     try:
         for endpoint, process in zip(endpoints, processes, strict=True):
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + timeout_s
             while True:
                 try:
                     rpc.check_reachable(endpoint, timeout=1)
                     break
                 except WorkerUnavailableError:
                     if process.poll() is not None or time.monotonic() > deadline:
-                        raise SystemExit(f"the worker on {endpoint} did not start") from None
+                        raise SystemExit(f"the {what} on {endpoint} did not start") from None
                     time.sleep(0.2)
         yield endpoints
     finally:
         for process in processes:
             process.kill()
             process.wait()
+
+
+@contextlib.contextmanager
+def workers(edgert: str, count: int, threads: int) -> Iterator[tuple[str, ...]]:
+    """``count`` real ``edgert worker`` processes on loopback, stopped afterwards."""
+    endpoints = tuple(f"{LOOPBACK}:{free_port()}" for _ in range(count))
+    processes = [subprocess.Popen([edgert, "worker", "--port", e.rpartition(":")[2], "--threads", str(threads)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+                 for e in endpoints]
+    with serving(endpoints, processes, "worker") as ready:
+        yield ready
 
 
 def decode(model: Model, tokens: list[int], n: int) -> tuple[float, list[int]]:
