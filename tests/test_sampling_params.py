@@ -96,3 +96,21 @@ def test_under_a_mask_only_allowed_ids_are_drawn():
     ids, probs = wide.distribution(LOGITS)
     assert list(ids) == [0, 3] and probs.sum() == pytest.approx(1.0)
     assert {wide.pick(LOGITS) for _ in range(50)} == {0, 3}
+
+
+def test_llama_cpp_plain_greedy_takes_the_chains_token_without_it(smollm2):
+    """Plain greedy skips llama.cpp's chain; a zero bias forces the chain's greedy on the same prompt."""
+    from edge_runtime.backends.llamacpp.sampler import Sampler as ChainSampler
+
+    prompt = smollm2.tokenize("The three largest cities of France are", add_bos=smollm2.info.add_bos)
+    plain = SamplingParams(max_tokens=24, temperature=0.0)
+    through_chain = SamplingParams(max_tokens=24, temperature=0.0, logit_bias={0: 0.0})
+    samplers = [ChainSampler(p, smollm2.info.n_vocab, 64) for p in (plain, through_chain)]
+    assert [s.argmax_only for s in samplers] == [True, False]
+    for sampler in samplers:
+        sampler.close()
+    answers = []
+    for params in (plain, through_chain):
+        smollm2.reset()
+        answers.append([e.token for e in smollm2.generate(prompt, params) if e.token is not None])
+    assert len(answers[0]) > 8 and answers[0] == answers[1]

@@ -1,9 +1,10 @@
 """llama.cpp's own sampler chain for one generation, with a grammar's mask as its first link.
 
-The chain is native: no logits row crosses into Python for an unconstrained request without
-logprobs. Its links, in llama.cpp's order: the grammar's mask (``MaskSampler``, only under a
-grammar), ``logit_bias``, the penalties (repetition, frequency and presence in one sampler), then
-greedy, or top-k, top-p, min-p, the temperature and a seeded draw. ``backends.sampling`` runs the
+The chain is native: no logits row is copied into Python for an unconstrained request without
+logprobs (plain greedy takes the argmax of the row in place). Its links, in llama.cpp's order:
+the grammar's mask (``MaskSampler``, only under a grammar), ``logit_bias``, the penalties
+(repetition, frequency and presence in one sampler), then greedy, or top-k, top-p, min-p, the
+temperature and a seeded draw. ``backends.sampling`` runs the
 same chain in numpy for the other backends.
 """
 
@@ -75,9 +76,25 @@ class MaskSampler:
 
 
 class Sampler:
-    """The chain for one generation (``n_ctx`` bounds a ``repeat_last_n`` of -1: every token)."""
+    """The chain for one generation (``n_ctx`` bounds a ``repeat_last_n`` of -1: every token).
+
+    Plain greedy decoding (no grammar, bias or penalty) skips the chain: llama.cpp's would copy
+    the whole vocabulary into a candidate array each token only to take its maximum, which costs
+    several times an argmax over the logits row in place (the same token: both take the first
+    maximum).
+    """
 
     def __init__(self, params: SamplingParams, n_vocab: int, n_ctx: int, grammar: GrammarState | None = None) -> None:
+        self.n_vocab = n_vocab
+        self.argmax_only = params.greedy and grammar is None and not params.logit_bias and not params.penalized
+        self.history_window = n_ctx if params.repeat_last_n < 0 else params.repeat_last_n
+        self.uses_history = params.penalized
+        self._mask: MaskSampler | None = None
+        self.ptr = None
+        if not self.argmax_only:
+            self.ptr = self._chain(params, n_vocab, grammar)
+
+    def _chain(self, params: SamplingParams, n_vocab: int, grammar: GrammarState | None) -> object:
         chain = _c.llama_sampler_chain_init(_c.llama_sampler_chain_default_params())
         add = _c.llama_sampler_chain_add
         self._mask = MaskSampler(grammar) if grammar is not None else None
@@ -87,8 +104,6 @@ class Sampler:
             entries = (_c.llama_logit_bias * len(params.logit_bias))(
                 *(_c.llama_logit_bias(t, b) for t, b in params.logit_bias.items()))
             add(chain, _c.llama_sampler_init_logit_bias(n_vocab, len(entries), entries))  # llama.cpp copies them
-        self.history_window = n_ctx if params.repeat_last_n < 0 else params.repeat_last_n
-        self.uses_history = params.penalized
         if params.penalized:
             add(chain, _c.llama_sampler_init_penalties(n_vocab, self.history_window, params.repeat_penalty,
                                                        params.frequency_penalty, params.presence_penalty))
@@ -103,7 +118,7 @@ class Sampler:
                 add(chain, _c.llama_sampler_init_min_p(params.min_p, 1))
             add(chain, _c.llama_sampler_init_temp(params.temperature))
             add(chain, _c.llama_sampler_init_dist(_c.LLAMA_DEFAULT_SEED if params.seed is None else params.seed))
-        self.ptr = chain
+        return chain
 
     def accept_prompt(self, tokens: Sequence[int]) -> None:
         """Feed the penalties the prompt's last tokens (the grammar never sees them)."""
@@ -112,6 +127,8 @@ class Sampler:
 
     def sample(self, ctx: NativeContext, index: int) -> int:
         """The token for batch row ``index`` of the last decode (the chain records it)."""
+        if self.argmax_only:
+            return int(ctx.logits_row(index, self.n_vocab).argmax())
         return int(_c.llama_sampler_sample(self.ptr, ctx.ptr, index))
 
     def close(self) -> None:
