@@ -93,7 +93,7 @@ def test_chat_logprobs_whole_and_streamed(client):
     assert len(content) == whole.usage.completion_tokens
     assert "".join(t.token for t in content) == whole.choices[0].message.content
     for t in content:
-        assert t.bytes == list(t.token.encode()) and len(t.top_logprobs) == 3
+        assert t.bytes == list(t.token.encode()) and len(t.top_logprobs) == 3  # whole characters here
         values = [a.logprob for a in t.top_logprobs]
         assert values == sorted(values, reverse=True) and t.logprob == values[0] <= 0  # greedy: the best one
     streamed = []
@@ -101,6 +101,22 @@ def test_chat_logprobs_whole_and_streamed(client):
         if chunk.choices and chunk.choices[0].logprobs:
             streamed += chunk.choices[0].logprobs.content
     assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+
+
+def test_logprob_bytes_join_back_to_characters_split_over_tokens(client):
+    kw = {"model": "default", "messages": [{"role": "user", "content": "Repeat exactly: 日本語 ✓"}],
+          "temperature": 0, "max_tokens": 13, "logprobs": True, "top_logprobs": 2}
+    whole = client.chat.completions.create(**kw)
+    content = whole.choices[0].logprobs.content
+    assert "日本語 ✓" in whole.choices[0].message.content
+    assert bytes(b for t in content for b in t.bytes) == whole.choices[0].message.content.encode()
+    split = [t for t in content if "\ufffd" in t.token]  # a token holding part of a character
+    assert split and all(t.token.encode() != bytes(t.bytes) for t in split)
+    streamed = []
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed += chunk.choices[0].logprobs.content
+    assert [t.bytes for t in streamed] == [t.bytes for t in content]
 
 
 def test_completion_logprobs_count_offsets_from_the_prompt(server):

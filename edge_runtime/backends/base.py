@@ -233,6 +233,11 @@ class Model(Protocol):
         """Text of ``tokens``, control tokens included, so it tokenizes back to the same ids."""
         ...
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes of one token (logprobs' ``bytes``): a piece of a UTF-8 character stays that
+        piece, a control token is its text; empty for an id outside the vocabulary."""
+        ...
+
     def generate(
         self,
         tokens: Sequence[int],

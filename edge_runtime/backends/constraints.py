@@ -2,8 +2,9 @@
 
 ``SamplingParams.json_schema`` or ``.grammar`` becomes an llguidance grammar definition
 (``grammar_definition``). A model's ``GrammarCompiler`` checks it against the model's own
-llguidance tokenizer (built on the first constrained request, never before: an unconstrained
-model pays nothing) and keeps the compiled matcher in a small LRU keyed by the definition. Each
+llguidance tokenizer (built on the first constrained request, or the first logprobs of a
+tokenizer.json model, which take token bytes from it; never before: an unconstrained model pays
+nothing) and keeps the compiled matcher in a small LRU keyed by the definition. Each
 generation then runs a ``GrammarState``, a copy of that template: before each token it fills the
 bitmask of the tokens the grammar allows next, and it takes the chosen token. The llama.cpp
 backend applies the mask inside its native sampler chain, the numpy backends in the shared
@@ -99,7 +100,7 @@ class GrammarCompiler:
 
     @property
     def tokenizer_built(self) -> bool:
-        """Whether a constrained request has made the tokenizer (an unconstrained one never does)."""
+        """Whether the tokenizer is made (a constrained request or logprobs' bytes make it; a plain one never does)."""
         return self._tokenizer is not None
 
     def compile(self, params: SamplingParams) -> Any:
@@ -133,6 +134,18 @@ class GrammarCompiler:
             while len(self._templates) > TEMPLATES_KEPT:
                 self._templates.popitem(last=False)
             return template
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes of one token as the tokenizer holds them (a piece of a UTF-8 character stays
+        that piece, a control token is its text; empty outside the vocabulary), for logprobs:
+        a library that reads every tokenizer.json kind rather than a byte map of our own."""
+        with self._lock:
+            if self._closed:
+                raise GenerationError("the model is closed")
+            tokenizer = self._tokenizer_locked()
+            if not 0 <= token < tokenizer.vocab_size:
+                return b""
+            return bytes(tokenizer.decode_bytes([token]))
 
     def _tokenizer_locked(self) -> Any:
         if self._tokenizer is None:

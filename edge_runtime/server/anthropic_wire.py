@@ -209,10 +209,10 @@ def stop_reason(finished: Finished) -> str:
 
 
 def matched_stop(req: GenerationRequest, finished: Finished, tokens: list[TokenLogprob]) -> str | None:
-    """The stop sequence that ended the answer, if one did: the first one found in the tokens' texts."""
+    """The stop sequence that ended the answer, if one did: the first one found in the tokens' text."""
     if finished.reason != "stop" or not req.params.stop or req.params.constrained:
         return None
-    generated = "".join(t.token for t in tokens)
+    generated = b"".join(t.raw for t in tokens).decode("utf-8", errors="replace")
     hits = [(generated.find(s), s) for s in req.params.stop if s in generated]
     return min(hits)[1] if hits else None
 

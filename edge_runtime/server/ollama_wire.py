@@ -221,8 +221,7 @@ def ollama_calls(calls: list[ToolCall]) -> list[dict[str, Any]]:
 
 def ollama_logprobs(items: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> list[dict[str, Any]]:
     """Logprobs in Ollama's shape: ``[{"token", "logprob", "bytes", "top_logprobs": [...]}]``."""
-    return [{**logprob_entry(t.token, t.logprob), "top_logprobs": [logprob_entry(s, v) for s, v in t.top]}
-            for t in items]
+    return [logprob_entry(t) for t in items]
 
 
 def final_fields(finished: Finished, total_s: float) -> dict[str, Any]:

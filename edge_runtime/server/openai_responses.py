@@ -46,8 +46,7 @@ def _envelope(req: GenerationRequest, rid: str, model_id: str, chunk: bool) -> d
 def _chat_logprobs(items: list[TokenLogprob] | tuple[TokenLogprob, ...], asked: bool) -> dict[str, Any] | None:
     if not asked:
         return None
-    return {"content": [{**logprob_entry(t.token, t.logprob),
-                         "top_logprobs": [logprob_entry(s, v) for s, v in t.top]} for t in items], "refusal": None}
+    return {"content": [logprob_entry(t) for t in items], "refusal": None}
 
 
 class TextLogprobs:
@@ -62,7 +61,8 @@ class TextLogprobs:
             offsets.append(self.offset)
             self.offset += len(t.token)
         return {"tokens": [t.token for t in items], "token_logprobs": [t.logprob for t in items],
-                "top_logprobs": [{**dict(t.top), t.token: t.logprob} for t in items], "text_offset": offsets}
+                "top_logprobs": [{**{a.token: a.logprob for a in t.top}, t.token: t.logprob} for t in items],
+                "text_offset": offsets}
 
 
 def completion_body(req: GenerationRequest, rid: str, model_id: str, answer: Answer) -> dict[str, Any]:

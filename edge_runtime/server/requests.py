@@ -93,11 +93,17 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """One generated token's log-probability and its most likely alternatives, as text."""
+    """One generated token's log-probability and its most likely alternatives (``top``, each with
+    no alternatives of its own).
+
+    ``raw`` is the token's bytes (a piece of a UTF-8 character stays that piece: the client joins
+    them), ``token`` their text (an incomplete character shows as U+FFFD).
+    """
 
     token: str
     logprob: float
-    top: tuple[tuple[str, float], ...] = ()
+    raw: bytes
+    top: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -222,13 +222,13 @@ class AnswerShaper:
         self._reader = reader
         self._prompt_tokens = prompt_tokens
         self._pending: list[TokenLogprob] = []  # logprobs of tokens whose text has not gone out yet
-        self._texts: dict[int, str] = {}
+        self._bytes: dict[int, bytes] = {}
 
     def push(self, event: TokenEvent) -> list[AnswerEvent]:
         """The answer events ``event`` completes (none while text is held back)."""
         if event.token is not None and event.logprob is not None:
-            top = tuple((self._text(t), v) for t, v in event.top_logprobs)
-            self._pending.append(TokenLogprob(self._text(event.token), event.logprob, top))
+            top = tuple(self._logprob(t, v) for t, v in event.top_logprobs)
+            self._pending.append(replace(self._logprob(event.token, event.logprob), top=top))
         out: list[AnswerEvent] = []
         if self._reader is not None:
             out += self._reader.push(event.text)
@@ -249,10 +249,11 @@ class AnswerShaper:
         self._pending = []
         return out
 
-    def _text(self, token: int) -> str:
-        if token not in self._texts:
-            self._texts[token] = self._model.detokenize([token])
-        return self._texts[token]
+    def _logprob(self, token: int, logprob: float) -> TokenLogprob:
+        raw = self._bytes.get(token)
+        if raw is None:
+            raw = self._bytes[token] = self._model.token_bytes(token)
+        return TokenLogprob(raw.decode("utf-8", errors="replace"), logprob, raw)
 
 
 def _generate_in_thread(state: ServerState, model: Model, tokens: list[int], params: SamplingParams,

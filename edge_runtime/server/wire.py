@@ -12,10 +12,13 @@ import json
 import math
 import secrets
 import string
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_runtime.files import json_depth
 from edge_runtime.limits import MAX_JSON_DEPTH
+
+if TYPE_CHECKING:
+    from edge_runtime.server.requests import TokenLogprob
 
 MAX_STOP_SEQUENCES = 4
 
@@ -59,9 +62,10 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     return data
 
 
-def logprob_entry(token: str, logprob: float) -> dict[str, Any]:
-    """One token's logprob as OpenAI and Ollama write it: its text, logprob and UTF-8 bytes."""
-    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+def logprob_entry(item: TokenLogprob) -> dict[str, Any]:
+    """One token's logprob as OpenAI and Ollama write it: its text, logprob, bytes and alternatives."""
+    return {"token": item.token, "logprob": item.logprob, "bytes": list(item.raw),
+            "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.raw)} for t in item.top]}
 
 
 def field_value(data: dict[str, Any], name: str, types: type | tuple[type, ...], default: Any = None,

@@ -190,3 +190,22 @@ def test_two_slots_keep_their_own_caches(converted):
             assert again.stats.cached_tokens == len(prompt) - 1 and again.tokens == out.tokens
         model.reset()
         assert run(model, a).tokens == out_a.tokens and run(model, b).tokens == out_b.tokens
+
+
+def test_token_bytes_keep_the_pieces_of_a_character_split_over_tokens(model):
+    """Logprobs' ``bytes``: each token's own bytes, so a client joins a split character back."""
+    text = "A check ✓, Japan 日本, and héllo."
+    pieces = [model.token_bytes(t) for t in model.tokenize(text)]
+    assert b"".join(pieces) == text.encode()
+
+    def whole(piece: bytes) -> bool:
+        try:
+            piece.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        return True
+
+    assert not all(whole(p) for p in pieces)  # the tiny vocabulary splits these characters
+    assert model.token_bytes(model.info.n_vocab + 7) == b""
+    eos = model.tokenize(model.info.eos_token, special=True)
+    assert len(eos) == 1 and model.token_bytes(eos[0]) == model.info.eos_token.encode()

@@ -1,7 +1,7 @@
 """A GGUF model loaded in llama.cpp through llama-cpp-python's low-level API.
 
 The decode loop is ours (``batch``): one ``llama_decode`` per step for every active
-sequence, llama.cpp's sampler chain picks the tokens, so no logits array crosses into Python.
+sequence, llama.cpp's sampler chain picks the tokens, so no logits array is copied into Python.
 Each sequence remembers the tokens in its KV cache and the next call evaluates only what
 differs (prefix reuse). Quality scoring (``logit_rows``) runs in a second context, made on first
 use, that returns every position's logits.
@@ -94,6 +94,12 @@ class LlamaCppModel:
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self.native_model.detokenize(tokens)
+
+    def token_bytes(self, token: int) -> bytes:
+        if not 0 <= token < self.info.n_vocab:
+            return b""
+        # A buffer of its own: the scheduler thread uses ``piece_buffer``.
+        return self.native_model.token_to_piece(token, ctypes.create_string_buffer(64), special=True)
 
     def _grammar_tokenizer(self) -> Any:
         """llguidance's view of this vocabulary, every end-of-generation id as its EOS (it keeps a

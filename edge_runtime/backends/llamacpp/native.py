@@ -124,11 +124,13 @@ class NativeModel:
             )
         return list(buf[:n])
 
-    def token_to_piece(self, token: int, buf: ctypes.Array) -> bytes:
-        n = _c.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+    def token_to_piece(self, token: int, buf: ctypes.Array, *, special: bool = False) -> bytes:
+        """The bytes of one token (a piece of a UTF-8 character stays that piece); a control
+        token renders as its text only with ``special``."""
+        n = _c.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         if n < 0:
             bigger = ctypes.create_string_buffer(-n)
-            n = _c.llama_token_to_piece(self.vocab, token, bigger, len(bigger), 0, False)
+            n = _c.llama_token_to_piece(self.vocab, token, bigger, len(bigger), 0, special)
             return bigger.raw[:n]
         return buf.raw[:n]
 

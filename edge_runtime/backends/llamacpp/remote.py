@@ -46,7 +46,7 @@ from edge_runtime.errors import EdgeRuntimeError, GenerationError, WorkerUnavail
 
 log = logging.getLogger(__name__)
 LOAD_TIMEOUT_S = 900.0  # the weights travel to the workers: minutes for a large model on Wi-Fi
-CALL_TIMEOUT_S = 60.0  # tokenize, detokenize, reset
+CALL_TIMEOUT_S = 60.0  # tokenize, detokenize, token_bytes, reset
 STALL_S = 60.0  # a generation with no token and no evaluated token for this long is hung
 _POLL_S = 0.1  # how often a waiting stream looks at its cancel token and the stall clock
 _WORKER_HINT = ("check the workers (`edgert worker` on each); the next request starts the model again "
@@ -314,6 +314,9 @@ class RemoteModel:
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self.live_host().call("detokenize", tokens=list(tokens))
+
+    def token_bytes(self, token: int) -> bytes:
+        return bytes(self.live_host().call("token_bytes", token=int(token)))
 
     def generate(self, tokens: Sequence[int], params: SamplingParams, *,
                  cancel: CancelToken | None = None) -> Iterator[TokenEvent]:

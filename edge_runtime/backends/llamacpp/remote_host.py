@@ -6,7 +6,7 @@ workers), then serves the parent over its stdin and stdout, one JSON object a li
 
 - first the parent sends ``{"path", "settings"}``; the child answers ``{"ready": {"info",
   "placement"}}`` (placement: llama.cpp's model buffer per device, in MiB) or ``{"failed": error}``;
-- then requests with an ``id``: ``tokenize``, ``detokenize`` and ``reset`` (answered with
+- then requests with an ``id``: ``tokenize``, ``detokenize``, ``token_bytes`` and ``reset`` (answered with
   ``{"id", "result"}``), ``generate`` on a slot (answered by ``{"id", "event"}`` per token, the last
   with the slot's cached ``prefix``), ``cancel`` (no answer) and ``close``;
 - an error is ``{"id", "error": {"class", "message", "hint"}}``; every few seconds while anything
@@ -103,6 +103,8 @@ class _Host:
                 self.channel.send({"id": rid, "result": result})
             elif op == "detokenize":
                 self.channel.send({"id": rid, "result": self.model.detokenize(request["tokens"])})
+            elif op == "token_bytes":  # a list of ints: JSON has no bytes
+                self.channel.send({"id": rid, "result": list(self.model.token_bytes(request["token"]))})
             elif op == "reset":
                 self._reset(request["slots"])
                 self.channel.send({"id": rid, "result": None})

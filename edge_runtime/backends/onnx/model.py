@@ -204,6 +204,9 @@ class OnnxModel:
         """Text of ``tokens``, control tokens included, so it tokenizes back to the same ids."""
         return self.tokenizer.decode(tokens)
 
+    def token_bytes(self, token: int) -> bytes:
+        return self.grammars.token_bytes(token)
+
     # -- generation ------------------------------------------------------------------------
 
     def check_prompt(self, tokens: Sequence[int]) -> list[int]:

@@ -138,6 +138,9 @@ class TfliteModel:
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(tokens)
 
+    def token_bytes(self, token: int) -> bytes:
+        return self.grammars.token_bytes(token)
+
     # -- generation ------------------------------------------------------------------------
 
     def check_prompt(self, tokens: Sequence[int]) -> list[int]:
