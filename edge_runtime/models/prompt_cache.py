@@ -7,10 +7,13 @@ saved prefix of its prompt instead of evaluating it again.
 Layout: ``home()/prompt-cache/<model key>/<n tokens>-<tokens hash>.kv``. The model key is the hash
 of what makes a state valid (``model_key``: the artifact's sha256 and the settings that shape the
 KV cache); the tokens hash is the hash of the model key and the token ids. Each entry holds a
-header (magic, version, model key, the token ids themselves, the size and sha256 of the state) and
+header (magic, version, model key, the token ids themselves, the size and CRC-32 of the state) and
 the state bytes. A lookup compares the prompt with the token ids of its model's entries (read once
-per entry and remembered) and reads the one sharing the longest prefix; the read checks all of the
+per entry and remembered) and maps the one sharing the longest prefix; the read checks all of the
 header and the state's checksum, and an entry that fails any check is removed, never trusted.
+The state is mapped, not copied: a 50 MB state costs one pass of the checksum (a CRC, which
+catches damage at a fraction of a cryptographic hash's time: the folder is the user's own)
+before llama.cpp copies it into the KV cache, not an allocation, a read and a hash besides.
 Entries are written atomically (``files.atomic_writer``), so a process killed mid-save leaves at
 most a hidden temporary file, which a later eviction removes. The store is bounded in bytes: the entries used
 least recently (their mtime, touched on each hit) go first. Entries hold whole conversations: the
@@ -22,9 +25,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 import struct
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +42,8 @@ DEFAULT_MAX_BYTES = 512 << 20  # several full contexts of a small model
 FOLDER_NAME = "prompt-cache"
 SUFFIX = ".kv"
 MAGIC = b"EDGERTKV"
-VERSION = 1
-_HEADER = struct.Struct("<8sI64sIQ32s")  # magic, version, model key, n_tokens, state bytes, state sha256
+VERSION = 2  # 1 held the state's sha256
+_HEADER = struct.Struct("<8sI64sIQI")  # magic, version, model key, n_tokens, state bytes, state CRC-32
 STALE_TEMP_S = 600.0  # a hidden temporary file older than this is a save that never finished
 
 
@@ -57,12 +62,13 @@ def prefix_hash(key: str, tokens: Sequence[int]) -> str:
 
 @dataclass(frozen=True)
 class CachedPrefix:
-    """A checked entry: the tokens its state covers, how many the prompt shares, the state."""
+    """A checked entry: the tokens its state covers, how many the prompt shares, the state (a
+    read-only view of the mapped file, unmapped when the last reference goes)."""
 
     path: Path
     tokens: tuple[int, ...]
     shared: int
-    state: bytearray
+    state: memoryview
 
 
 @dataclass(frozen=True)
@@ -184,15 +190,17 @@ class PromptCacheStore:
         try:
             with path.open("rb") as fh:
                 size = os.fstat(fh.fileno()).st_size
-                magic, version, stored_key, n_tokens, n_state, digest = _HEADER.unpack(fh.read(_HEADER.size))
+                magic, version, stored_key, n_tokens, n_state, crc = _HEADER.unpack(fh.read(_HEADER.size))
                 if (magic, version, stored_key.decode("ascii", "replace")) != (MAGIC, VERSION, key):
                     raise ValueError("another format or model")
                 if n_tokens != len(tokens) or size != _HEADER.size + 4 * n_tokens + n_state:
                     raise ValueError("sizes do not add up")
                 if struct.unpack(f"<{n_tokens}i", fh.read(4 * n_tokens)) != tuple(tokens):
                     raise ValueError("other tokens")
-                state = bytearray(n_state)
-                if fh.readinto(state) != n_state or hashlib.sha256(state).digest() != digest:
+                # Entries are replaced by rename and removed by unlink, never rewritten in place:
+                # the mapping keeps the file it opened, whatever happens to the name.
+                state = memoryview(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))[size - n_state:]
+                if zlib.crc32(state) != crc:
                     raise ValueError("state checksum")
         except FileNotFoundError:
             return None  # evicted meanwhile (by another process)
@@ -209,8 +217,7 @@ class PromptCacheStore:
         path = self.entry_path(key, tokens)
         _private_folder(self.folder)
         _private_folder(path.parent)
-        header = _HEADER.pack(MAGIC, VERSION, key.encode("ascii"), len(tokens), len(state),
-                              hashlib.sha256(state).digest())
+        header = _HEADER.pack(MAGIC, VERSION, key.encode("ascii"), len(tokens), len(state), zlib.crc32(state))
         with atomic_writer(path, mode=0o600) as fh:
             fh.write(header)
             fh.write(struct.pack(f"<{len(tokens)}i", *tokens))

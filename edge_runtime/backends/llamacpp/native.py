@@ -232,11 +232,12 @@ class NativeContext:
         n = _c.llama_state_seq_get_data(self.ptr, buf, size, seq_id)
         return memoryview(buf).cast("B")[:n]
 
-    def set_seq_state(self, seq_id: int, state: bytearray) -> bool:
-        """Replace one sequence's cache with a saved state; False when llama.cpp refuses it (the
-        sequence is then cleared)."""
-        src = (ctypes.c_uint8 * len(state)).from_buffer(state)
-        if _c.llama_state_seq_set_data(self.ptr, src, len(state), seq_id) == len(state):
+    def set_seq_state(self, seq_id: int, state: memoryview | bytes | bytearray) -> bool:
+        """Replace one sequence's cache with a saved state (read in place, read-only views
+        included); False when llama.cpp refuses it (the sequence is then cleared)."""
+        data = np.frombuffer(state, dtype=np.uint8)
+        src = data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+        if _c.llama_state_seq_set_data(self.ptr, src, data.size, seq_id) == data.size:
             return True
         self.seq_clear(seq_id)
         return False
