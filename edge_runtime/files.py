@@ -18,7 +18,7 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -129,6 +129,32 @@ def replace_folder(staging: Path, target: Path) -> None:
         raise
     finally:
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def touch_used(path: Path) -> None:
+    """Mark a cache file as just used (its mtime), which ``evict_least_recent`` keeps longest;
+    a file removed meanwhile has nothing to mark."""
+    with contextlib.suppress(OSError):
+        os.utime(path)
+
+
+def evict_least_recent(files: Iterable[Path], max_bytes: int) -> int:
+    """Remove the least recently used of ``files`` (oldest mtime first) until the rest hold at
+    most ``max_bytes``; the bytes freed. Files another process removes meanwhile are skipped."""
+    entries = []
+    for path in files:
+        with contextlib.suppress(OSError):
+            info = path.stat()
+            entries.append((info.st_mtime_ns, info.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    freed = 0
+    for _, size, path in sorted(entries, key=lambda e: e[0]):
+        if total - freed <= max_bytes:
+            break
+        with contextlib.suppress(OSError):
+            path.unlink()
+        freed += size
+    return freed
 
 
 def file_sha256(path: Path) -> str:

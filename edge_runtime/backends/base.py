@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 # The parameters of a generation are seam data too; they live in their own module with their checks.
 from edge_runtime.backends.params import Grammar as Grammar
 from edge_runtime.backends.params import SamplingParams as SamplingParams
-from edge_runtime.errors import ContextLengthExceededError, InvalidRequestError
+from edge_runtime.errors import ContextLengthExceededError, GenerationError, InvalidRequestError
 from edge_runtime.models.prompt_cache import common_length
 
 if TYPE_CHECKING:
@@ -345,3 +345,14 @@ def check_prompt(tokens: Sequence[int], info: ModelInfo, hint: str | None = None
     if bad is not None:
         raise InvalidRequestError(f"token {bad} is outside the vocabulary (0..{info.n_vocab - 1})")
     return tokens
+
+
+def first_token_s(model: Model, tokens: list[int], *, reset: bool = True) -> float:
+    """The time to the first token of a one-token greedy generation of ``tokens`` (from an empty
+    cache with ``reset``), as the generation's own statistics count it."""
+    if reset:
+        model.reset()
+    for event in model.generate(tokens, SamplingParams(max_tokens=1, temperature=0.0)):
+        if event.stats is not None:
+            return event.stats.ttft_s
+    raise GenerationError("the generation ended without its statistics")

@@ -31,7 +31,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.backends.base import Model, SamplingParams, Settings
+from edge_runtime.backends.base import Model, SamplingParams, Settings, first_token_s
 from edge_runtime.errors import GenerationError
 
 CHAT_TURNS = 4
@@ -52,17 +52,6 @@ def drop_from_page_cache(path: str | Path) -> bool:
         finally:
             os.close(fd)
     return True
-
-
-def _ttft_s(model: Model, tokens: list[int], *, reset: bool = True) -> float:
-    """Time to the first token of a one-token greedy generation (from an empty cache with ``reset``)."""
-    if reset:
-        model.reset()
-    started = time.perf_counter()
-    for event in model.generate(tokens, SamplingParams(max_tokens=1, temperature=0.0)):
-        if event.stats is not None:
-            return event.stats.ttft_s
-    return time.perf_counter() - started
 
 
 def _speeds(model: Model, prompt: list[int], decode_prompt: list[int], gen_tokens: int) -> tuple[float, float]:
@@ -92,7 +81,7 @@ def _storage(backend: Any, path: str, settings: Settings, tokens: list[int]) -> 
             model = backend.load(path, chosen)
             load_s = time.perf_counter() - started
             try:
-                firsts.append(_ttft_s(model, tokens))
+                firsts.append(first_token_s(model, tokens))
             finally:
                 model.close()
             out[("cold_load" if cold else "warm_load") + suffix] = load_s
@@ -136,10 +125,10 @@ def _chat_turns(model: Model, text: str, words_per_turn: int) -> tuple[list[int]
 
 def _cache(model: Model, text: str, words_per_turn: int) -> dict[str, Any]:
     before, whole = _chat_turns(model, text, words_per_turn)
-    _ttft_s(model, whole)  # warm-up
-    cold = _ttft_s(model, whole)
-    _ttft_s(model, before)  # the earlier turns evaluated: what a chat holds when the next one comes
-    hot = _ttft_s(model, whole, reset=False)
+    first_token_s(model, whole)  # warm-up
+    cold = first_token_s(model, whole)
+    first_token_s(model, before)  # the earlier turns evaluated: what a chat holds when the next one comes
+    hot = first_token_s(model, whole, reset=False)
     restored, note = _restored_ttft_s(model, before, whole)
     return {"cold_ttft_ms": cold * 1000, "restored_ttft_ms": None if restored is None else restored * 1000,
             "hot_ttft_ms": hot * 1000, "restored_note": note, "turn": CHAT_TURNS, "prompt_tokens": len(whole)}
@@ -156,10 +145,10 @@ def _restored_ttft_s(model: Model, before: list[int], whole: list[int]) -> tuple
         if not attach(model, PromptCacheStore(Path(folder))):
             return None, "this backend cannot save its KV state (the prompt cache is llama.cpp's)"
         try:
-            _ttft_s(model, before)  # evaluates the earlier turns and saves their state
+            first_token_s(model, before)  # evaluates the earlier turns and saves their state
             model.disk.flush()  # type: ignore[attr-defined]  (attach succeeded: a llama.cpp model)
             drop_from_page_cache(folder)  # restored from storage, not from the page cache
-            restored = _ttft_s(model, whole)  # an empty cache in memory: the state comes from disk
+            restored = first_token_s(model, whole)  # an empty cache in memory: the state comes from disk
         finally:
             attach(model, None)
     return restored, None
@@ -221,8 +210,8 @@ def measure_anatomy(job: dict[str, Any], step: Any, prompt_tokens: Any) -> dict[
         tokens = prompt_tokens(model, job["prompt_text"], longest)
         decode_prompt = tokens[: method["decode_prompt_tokens"]]
         prompt = model.detokenize(tokens[1:] if model.info.add_bos else tokens)
-        _ttft_s(model, tokens)  # warm-up
-        in_process = _ttft_s(model, model.tokenize(prompt, add_bos=model.info.add_bos))
+        first_token_s(model, tokens)  # warm-up
+        in_process = first_token_s(model, model.tokenize(prompt, add_bos=model.info.add_bos))
         step("anatomy · in-process")
         cache = _cache(model, job["prompt_text"], max(8, longest // 2))
         step("anatomy · cache")

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.files import atomic_writer
+from edge_runtime.files import atomic_writer, evict_least_recent, touch_used
 from edge_runtime.models.locations import home, writable_folder
 
 DEFAULT_MAX_BYTES = 512 << 20  # several full contexts of a small model
@@ -127,7 +127,7 @@ class PromptCacheStore:
                 return None
             entry = self._read(best[1], key, best[2], best[0])
             if entry is not None:
-                _touch(best[1])
+                touch_used(best[1])
                 return entry
             rejected.add(best[1])
 
@@ -239,14 +239,7 @@ class PromptCacheStore:
 
     def evict(self) -> int:
         """Remove the least recently used entries until the store fits its bound; bytes freed."""
-        entries = sorted(self.entries(), key=lambda e: e.last_used)
-        total = sum(e.bytes for e in entries)
-        freed = 0
-        for entry in entries:
-            if total - freed <= self.max_bytes:
-                break
-            entry.path.unlink(missing_ok=True)
-            freed += entry.bytes
+        freed = evict_least_recent((e.path for e in self.entries()), self.max_bytes)
         self._remove_stale_temporaries()
         return freed
 
@@ -315,11 +308,6 @@ def _private_folder(folder: Path) -> Path:
         if folder.stat().st_mode & 0o077:
             folder.chmod(0o700)
     return writable_folder(folder)
-
-
-def _touch(path: Path) -> None:
-    with contextlib.suppress(OSError):  # removed meanwhile: nothing to mark
-        os.utime(path)
 
 
 # The runtimes whose sequence state can be saved and restored (ONNX Runtime GenAI and LiteRT keep

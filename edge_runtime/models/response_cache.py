@@ -15,13 +15,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from edge_runtime.errors import EdgeRuntimeError
-from edge_runtime.files import atomic_write, parse_json, read_regular_file
+from edge_runtime.files import atomic_write, evict_least_recent, parse_json, read_regular_file, touch_used
 from edge_runtime.models.locations import home, writable_folder
 
 ENTRY_FORMAT = 1
@@ -75,8 +74,7 @@ class ResponseCache:
         if not isinstance(entry, dict) or entry.get("format") != ENTRY_FORMAT or entry.get("key") != key:
             _remove(path)
             return None
-        with contextlib.suppress(OSError):
-            os.utime(path)  # the most recently used: the last to go
+        touch_used(path)
         return entry
 
     def put(self, key: str, entry: Mapping[str, Any]) -> bool:
@@ -96,17 +94,7 @@ class ResponseCache:
 
     def evict(self) -> None:
         """Remove the least recently used entries until the rest fit ``max_bytes``."""
-        entries = []
-        for path in self.folder.glob(f"*{_SUFFIX}"):
-            with contextlib.suppress(OSError):  # another process may remove it meanwhile
-                info = path.stat()
-                entries.append((info.st_mtime_ns, info.st_size, path))
-        total = sum(size for _, size, _ in entries)
-        for _, size, path in sorted(entries, key=lambda e: e[0]):
-            if total <= self.max_bytes:
-                break
-            _remove(path)
-            total -= size
+        evict_least_recent(self.folder.glob(f"*{_SUFFIX}"), self.max_bytes)
 
     def size_bytes(self) -> int:
         """Bytes the entries take on disk now."""

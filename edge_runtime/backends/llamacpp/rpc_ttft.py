@@ -12,16 +12,8 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import replace
 
-from edge_runtime.backends.base import Model, SamplingParams, Settings
+from edge_runtime.backends.base import Settings, first_token_s
 from edge_runtime.errors import InvalidConfigError
-
-
-def _ttft_s(model: Model, tokens: list[int]) -> float:
-    model.reset()  # every run evaluates the whole prompt
-    for event in model.generate(tokens, SamplingParams(max_tokens=1, temperature=0.0)):
-        if event.stats is not None:
-            return event.stats.ttft_s
-    raise InvalidConfigError("the generation ended without its statistics")
 
 
 def rpc_ttft_ms(path: str, settings: Settings, tokens: Sequence[int], reps: int = 3) -> float:
@@ -37,9 +29,9 @@ def rpc_ttft_ms(path: str, settings: Settings, tokens: Sequence[int], reps: int 
     prompt = list(tokens)
     with LlamaCppBackend.load(path, replace(settings, n_parallel=1)) as split, \
             LlamaCppBackend.load(path, local_settings) as local:
-        _ttft_s(split, prompt), _ttft_s(local, prompt)  # warm-up: first-touch costs on both sides
+        first_token_s(split, prompt), first_token_s(local, prompt)  # warm-up: first-touch costs on both sides
         split_s, local_s = [], []
         for _ in range(max(1, reps)):
-            split_s.append(_ttft_s(split, prompt))
-            local_s.append(_ttft_s(local, prompt))
+            split_s.append(first_token_s(split, prompt))
+            local_s.append(first_token_s(local, prompt))
     return (statistics.median(split_s) - statistics.median(local_s)) * 1000.0
