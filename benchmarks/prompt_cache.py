@@ -4,7 +4,9 @@
 Part 1, a restart. A child process grows a 10-turn chat to about 2,000 tokens (SmolLM2, ctx 4096,
 long user turns of Python documentation prose) with the prompt cache on disk, saves the
 conversation, then measures the TTFT of an 11th turn while the conversation is still in memory
-(``hot``: the process that never stopped; the disk cache off, so it saves nothing more). Then,
+(``hot``: the process that never stopped; the disk cache off, so it saves nothing more; before
+each repetition its cache goes back to exactly the 10 turns, so it evaluates the tokens a
+restarted process evaluates after the restore, each row's count printed beside it). Then,
 repetitions interleaved, fresh processes load the model and the saved conversation and send the
 same 11th turn: ``restored`` with a copy of the store the first child left, ``cold`` with the
 prompt cache off (the whole conversation evaluated again). Each repetition sends another 11th
@@ -80,10 +82,16 @@ def child_grow(conversation: Path, reps: int, threads: int) -> dict[str, Any]:
     session.save(conversation)
     model.disk.flush()
     model.use_prompt_cache(None)  # the hot turns must leave the store as the restart finds it
+    with model.acquire_slot() as slot:
+        held = list(slot.prefix.tokens)  # what the cache holds after 10 turns: what was saved
     hot = []
     for r in range(reps):
+        # Back to exactly the 10 turns' tokens (one evaluated again), so each hot turn evaluates
+        # the tokens a restarted process evaluates after the restore; the previous follow-up
+        # would otherwise lend it the start of the user turn's template.
+        list(model.generate(held, SamplingParams(max_tokens=1, temperature=0.0)))
         hot.append(turn_stats(session, FOLLOW_UPS[r % len(FOLLOW_UPS)]))
-        del session.messages[-2:]  # back to 10 turns; the model keeps them in memory
+        del session.messages[-2:]  # back to 10 turns
     model.close()
     return {"grown": grown, "hot": hot}
 
@@ -134,8 +142,8 @@ def part_restart(work: Path, reps: int, threads: int) -> None:
             if cache == "on":
                 shutil.copytree(grow_home / "prompt-cache", home / "prompt-cache")
             rows[name].append(run_child(home, "next", str(conversation), str(r), cache, str(threads), warm))
-        print(f"rep {r + 1}: " + " · ".join(f"{n} {v[r]['ttft_s'] * 1000:.0f} ms" for n, v in rows.items()),
-              flush=True)
+        print(f"rep {r + 1}: " + " · ".join(f"{n} {v[r]['ttft_s'] * 1000:.0f} ms ({v[r]['evaluated_tokens']} evaluated)"
+                                             for n, v in rows.items()), flush=True)
     print(f"\n11th turn after {TURNS} (SmolLM2, ctx {CTX}); every restarted process but the first-call "
           "row answered a short unrelated prompt first:")
     print(f"{'':22} {'TTFT ms (median)':>17} {'prompt':>7} {'cached':>7} {'evaluated':>10}")
