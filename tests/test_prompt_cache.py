@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -307,6 +308,27 @@ class CopyFails(PromptCacheStore):
         raise MemoryError("no room for the state")
 
 
+def bounded(call, within_s: float = 180.0):
+    """``call()``'s result, or a failed test rather than a hung run when it never returns (a stuck
+    slot, a writer nobody stops): a guard against a hang, not a timing."""
+    outcome: list = []
+
+    def target() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as exc:  # handed to the test's thread
+            outcome.append((False, exc))
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(within_s)
+    assert outcome, f"{getattr(call, '__name__', call)} did not return within {within_s:.0f} s"
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
+
+
 @pytest.mark.parametrize("broken", ["copy raises", "folder unwritable"])
 def test_a_failing_save_costs_the_entry_not_the_slot(smollm2_path, tmp_path, prose, broken):
     if broken == "copy raises":
@@ -317,8 +339,8 @@ def test_a_failing_save_costs_the_entry_not_the_slot(smollm2_path, tmp_path, pro
     with restarted(smollm2_path, store) as model:
         first = prompt_of(model, prose, 80)
         answer, _ = run(model, first)
-        model.disk.flush()
-        again, stats = run(model, first + answer)  # the same slot: it was released
+        bounded(model.disk.flush)
+        again, stats = bounded(lambda: run(model, first + answer))  # the same slot: it was released
     assert again and stats.cached_tokens > 0
 
 
@@ -330,10 +352,10 @@ def test_the_cache_swapped_or_closed_mid_answer_fails_no_request(smollm2_path, t
         next(events)
         model.use_prompt_cache(PromptCacheStore(tmp_path / "b"))
         model.use_prompt_cache(None)
-        assert list(events)[-1].finish_reason is not None
+        assert bounded(lambda: list(events))[-1].finish_reason is not None
         old.save_later(model.context, 0, list(model.slots._slots[0].prefix.tokens))  # closed: ignored
-        old.flush()  # returns: nothing was queued for the stopped writer
-        _, stats = run(model, first)
+        bounded(old.flush)  # returns: nothing was queued for the stopped writer
+        _, stats = bounded(lambda: run(model, first))
     assert stats.cached_tokens == len(first) - 1
 
 
