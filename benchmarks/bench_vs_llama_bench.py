@@ -15,9 +15,12 @@ type and repetitions:
 
 Runs alternate (llama-bench pp, llama-bench tg, edgert bench) for ``--rounds`` rounds; the table
 shows the median of the rounds' means and the ratio edgert / llama-bench. Target: tg ratio
->= 0.97. Then the figures only edgert bench gives. The script reports; it never fails on a
-missed target. llama-bench comes from PATH or ./bin/llama-bench
-(``scripts/build_llama_tools.sh`` builds it from the llama.cpp that llama-cpp-python vendors).
+>= 0.97. Where ./bin/llama-bench-shared exists (the same tool linked to the llama.cpp libraries
+llama-cpp-python installed, the kernels edgert runs), it runs in each round too, so the cost of
+that shared build is told apart from edgert's own per-token cost. Then the figures only edgert
+bench gives. The script reports; it never fails on a missed target. llama-bench comes from PATH
+or ./bin/llama-bench (``scripts/build_llama_tools.sh`` builds both from the llama.cpp that
+llama-cpp-python vendors).
 """
 
 from __future__ import annotations
@@ -89,19 +92,20 @@ def main() -> int:
 
     model = str(resolve_model(args.model))
     binary = find_llama_tool("llama-bench", args.llama_bench)
+    shared = find_llama_tool("llama-bench-shared") if binary and not args.llama_bench else None
+    tools = {name: path for name, path in (("llama-bench", binary), ("llama-bench-shared", shared)) if path}
     load_before = os.getloadavg()[0]
-    native_pp: list[float] = []
-    native_tg: list[float] = []
+    native: dict[str, dict[str, list[float]]] = {name: {"pp": [], "tg": []} for name in tools}
     ours: list[dict[str, Any]] = []
     for i in range(args.rounds):
         print(f"round {i + 1}/{args.rounds}: edgert bench", file=sys.stderr)
         ours.append(run_edgert(model, args))
-        if binary:
-            settings = ours[0]["settings"]
-            print(f"round {i + 1}/{args.rounds}: llama-bench pp{args.pp}, tg{args.tg} @ depth {DECODE_DEPTH}",
+        settings = ours[0]["settings"]
+        for name, path in tools.items():
+            print(f"round {i + 1}/{args.rounds}: {name} pp{args.pp}, tg{args.tg} @ depth {DECODE_DEPTH}",
                   file=sys.stderr)
-            native_pp.append(run_llama_bench(binary, model, settings, args, args.pp, 0, 0)[0])
-            native_tg.append(run_llama_bench(binary, model, settings, args, 0, args.tg, DECODE_DEPTH)[0])
+            native[name]["pp"].append(run_llama_bench(path, model, settings, args, args.pp, 0, 0)[0])
+            native[name]["tg"].append(run_llama_bench(path, model, settings, args, 0, args.tg, DECODE_DEPTH)[0])
     load_after = os.getloadavg()[0]
 
     settings = ours[0]["settings"]
@@ -112,21 +116,28 @@ def main() -> int:
     print()
     our_pp = [r["prefill_tok_s"] for r in ours]
     our_tg = [r["decode_tok_s"] for r in ours]
-    print(f"{'test':<22}{'llama-bench tok/s':>19}{'edgert tok/s':>15}{'edgert/llama':>14}"
-          "   rounds (edgert | llama-bench)")
-    tests = ((f"pp{args.pp}", native_pp, our_pp), (f"tg{args.tg} @ d{DECODE_DEPTH}", native_tg, our_tg))
-    for name, theirs, mine in tests:
-        ratio = median(mine) / median(theirs) if theirs else float("nan")
-        print(f"{name:<22}{median(theirs) if theirs else float('nan'):>19.1f}{median(mine):>15.1f}{ratio:>14.3f}   "
-              f"{' '.join(f'{x:.1f}' for x in mine)} | {' '.join(f'{x:.1f}' for x in theirs) or 'n/a'}")
+    print(f"{'test':<16}{'tool':<20}{'tool tok/s':>11}{'edgert tok/s':>14}{'edgert/tool':>13}"
+          "   rounds (edgert | tool)")
+    for key, test, mine in (("pp", f"pp{args.pp}", our_pp), ("tg", f"tg{args.tg} @ d{DECODE_DEPTH}", our_tg)):
+        for name, figures in native.items():
+            theirs = figures[key]
+            print(f"{test:<16}{name:<20}{median(theirs):>11.1f}{median(mine):>14.1f}"
+                  f"{median(mine) / median(theirs):>13.3f}   "
+                  f"{' '.join(f'{x:.1f}' for x in mine)} | {' '.join(f'{x:.1f}' for x in theirs)}")
     print()
     if binary:
+        native_tg = native["llama-bench"]["tg"]
         ratio = median(our_tg) / median(native_tg)
         verdict = "meets target" if ratio >= 0.97 else "BELOW target"
         print(f"tg: edgert / llama-bench = {ratio:.3f} (target >= 0.97: {verdict}); "
               f"per-token overhead {1000 / median(our_tg) - 1000 / median(native_tg):+.3f} ms")
-        print(f"pp: edgert / llama-bench = {median(our_pp) / median(native_pp):.3f}")
-        print(f"llama-bench: {binary}")
+        print(f"pp: edgert / llama-bench = {median(our_pp) / median(native['llama-bench']['pp']):.3f}")
+        if shared:
+            build = median(native["llama-bench-shared"]["tg"]) / median(native_tg)
+            own = median(our_tg) / median(native["llama-bench-shared"]["tg"])
+            print(f"tg split: llama-bench on the venv's shared libraries / static = {build:.3f} (the build); "
+                  f"edgert / that = {own:.3f} (edgert's own loop)")
+        print("tools: " + ", ".join(tools.values()))
     else:
         print("llama-bench: not found on PATH or in ./bin (build it with scripts/build_llama_tools.sh)")
     last = ours[-1]

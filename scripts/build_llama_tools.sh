@@ -15,7 +15,8 @@
 #
 # The build mirrors llama-cpp-python's default CPU build: Release, GGML_NATIVE (the compiler's
 # -march=native), OpenMP, no GPU backend. It links llama.cpp statically so each binary can be
-# copied and run on its own. The sources and the build tree stay in build/llama.cpp/<version>/
+# copied and run on its own (and bin/llama-bench-shared, the same tool linked to the venv's own
+# llama.cpp libraries). The sources and the build tree stay in build/llama.cpp/<version>/
 # (about 300 MB, so a rebuild is incremental). An up-to-date binary is left alone.
 set -euo pipefail
 
@@ -30,7 +31,7 @@ for arg in "$@"; do
         --force) force=1 ;;
         --sources) sources_only=1 ;;
         llama-bench|llama-perplexity) tools+=("$arg") ;;
-        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument '$arg' (tools: llama-bench, llama-perplexity; options: --force, --sources)" ;;
     esac
 done
@@ -138,3 +139,25 @@ for tool in "${todo[@]}"; do
     mv -f "$stamp.tmp.$$" "$stamp"
     log "built bin/$tool from $stamp_text"
 done
+
+# llama-bench once more, linked to the llama.cpp libraries llama-cpp-python installed (the very
+# kernels edgert runs, built as shared libraries) rather than to its own static ones: the
+# benchmark then tells the cost of that build apart from edgert's own per-token cost. Optional:
+# a link that fails costs this binary only.
+if [[ " ${todo[*]} " == *" llama-bench "* ]]; then
+    libs="$("$PYTHON" -c 'import llama_cpp, os; print(os.path.join(os.path.dirname(llama_cpp.__file__), "lib"))')"
+    objects=("$build/tools/llama-bench/CMakeFiles/llama-bench.dir/main.cpp.o" "$build/tools/llama-bench/libllama-bench-impl.a"
+             "$build/common/libllama-common.a" "$build/common/libllama-common-base.a"
+             "$build/vendor/cpp-httplib/libcpp-httplib.a")
+    linker="$(command -v c++ || command -v g++ || command -v clang++)"
+    if "$linker" -o "$bin_dir/llama-bench-shared.tmp.$$" "${objects[@]}" -L"$libs" -lllama -lggml -lggml-base \
+            -lggml-cpu -fopenmp -lpthread -Wl,-rpath,"$libs" >"$work/link-shared.log" 2>&1 \
+            && "$bin_dir/llama-bench-shared.tmp.$$" --help >/dev/null 2>&1; then
+        printf '%s\n' "$stamp_text" >"$bin_dir/llama-bench-shared.version"
+        mv -f "$bin_dir/llama-bench-shared.tmp.$$" "$bin_dir/llama-bench-shared"
+        log "linked bin/llama-bench-shared to $libs"
+    else
+        rm -f "$bin_dir/llama-bench-shared.tmp.$$"
+        log "warning: could not link llama-bench to $libs (see $work/link-shared.log); bin/llama-bench is unaffected"
+    fi
+fi
