@@ -136,6 +136,15 @@ def test_floor_check_compares_the_floor_model_only(fleet_file):
         r["load_average"] = {"before": 9.1, "after": 9.4}
     why = floor_check(BenchResult.from_dict(busy)).why
     assert "the device was busy: load average 9.1" in why and "on 4 logical CPUs" in why
+    # Class figures (a Pi 5's): a device with fewer cores than its class is told so.
+    classed = copy.deepcopy(slow)
+    classed["profile"]["floor"] = {"bandwidth_gbs": 9.0, "compute_gflops": 75.0, "min_token_ms": 12.0,
+                                   "efficiency": 0.6, "cores": 4, "core_class": "Cortex-A76", "processor": "cpu",
+                                   "source": "test"}
+    classed["device"]["cpu"].update(physical_cores=4, logical_cores=4)
+    assert "cores, a healthy device of its class" not in floor_check(BenchResult.from_dict(classed)).why
+    classed["device"]["cpu"].update(physical_cores=2, logical_cores=2)
+    assert "this device has 2 cores, a healthy device of its class 4" in floor_check(BenchResult.from_dict(classed)).why
 
 
 def test_pareto_front_and_quality_metric():

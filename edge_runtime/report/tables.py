@@ -155,6 +155,10 @@ def floor_check(result: BenchResult) -> FloorCheck:
         why.append("the device was busy: load average " + ", ".join(f"{load:.1f}" for _, load in busy)
                    + f" on {cpus} logical CPUs before decode was measured; the floor is for an idle device, "
                      "so measure again when it is idle")
+    cores = (result.device.get("cpu") or {}).get("physical_cores") or cpus
+    if floor.processor == "cpu" and floor.cores and isinstance(cores, int) and cores < floor.cores:
+        why.append(f"this device has {cores} cores, a healthy device of its class {floor.cores} (fewer cores "
+                   "draw less of the memory bandwidth than the class's figures assume)")
     measured_gbs = result.memory_bandwidth.get("gbs")
     if floor.processor == "cpu" and floor.bandwidth_gbs and isinstance(measured_gbs, (int, float)):
         why.append(f"this device reads {measured_gbs:.1f} GB/s, a healthy device of its class "
