@@ -177,7 +177,9 @@ def device_test(model: str | None, out_dir: str, reps: int, pytest_args: tuple[s
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "pytest", str(folder), "--rootdir", str(folder), "-p", "no:cacheprovider",
-               "-rs", f"--junitxml={out / 'device-tests.xml'}", f"--edgert-out={out}", f"--edgert-reps={reps}"]
+               # xunit1: the JUnit dialect that keeps each check's record_property (its figures)
+               "-rs", f"--junitxml={out / 'device-tests.xml'}", "-o", "junit_family=xunit1",
+               f"--edgert-out={out}", f"--edgert-reps={reps}"]
     if model:
         command.append(f"--edgert-model={model}")
     code = subprocess.call([*command, *pytest_args])
