@@ -4,8 +4,8 @@ The chain is native: no logits row is copied into Python for an unconstrained re
 logprobs (plain greedy takes the argmax of the row in place). Its links, in llama.cpp's order:
 the grammar's mask (``MaskSampler``, only under a grammar), ``logit_bias``, the penalties
 (repetition, frequency and presence in one sampler), then greedy, or top-k, top-p, min-p, the
-temperature and a seeded draw. ``backends.sampling`` runs the
-same chain in numpy for the other backends.
+temperature and a seeded draw. ``backends.sampling`` runs the same chain in numpy for the other
+backends.
 """
 
 from __future__ import annotations
