@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 from dataclasses import replace
 
 import pytest
 from synthetic_gguf import LLAMA_3_2_1B, write_llama_gguf
 from test_planner import machine
 
+from edge_runtime.backends.base import KV_CACHE_TYPES
+from edge_runtime.cli.options import KV_CACHE_TYPE_NAMES
 from edge_runtime.errors import DoesNotFitError, InvalidConfigError
 from edge_runtime.formats.gguf import read_gguf_header
 from edge_runtime.models.artifact import Artifact, artifact_from_gguf
@@ -165,3 +169,17 @@ def test_heads_a_quant_block_does_not_divide_keep_f16_and_shrink_the_context(tmp
     assert (plan.settings.type_k, plan.settings.type_v) == ("f16", "f16")
     assert plan.settings.n_ctx < min(profile.default_ctx, artifact.n_ctx_train)
     assert any("kv cache q8_0 refused: its heads hold 80 (K) and 80 (V) values" in r for r in plan.reasons)
+
+
+def test_an_asked_kv_cache_type_is_planned_and_run(edgert_cmd):
+    assert set(KV_CACHE_TYPE_NAMES) == set(KV_CACHE_TYPES)  # the CLI offers what the backend maps, no more
+    done = subprocess.run([*edgert_cmd, "plan", "--kv-cache-type", "q8_0", "--json"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    settings = json.loads(done.stdout)["settings"]
+    assert (settings["type_k"], settings["type_v"], settings["flash_attn"]) == (8, 8, True)  # llama.cpp's q8_0
+    done = subprocess.run([*edgert_cmd, "run", "--kv-cache-type", "q4_0", "--temp", "0", "--max-tokens", "4",
+                           "--no-prompt-cache", "Say hello."], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip(), done.stderr
+    done = subprocess.run([*edgert_cmd, "plan", "--kv-cache-type", "q3"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr

@@ -165,8 +165,9 @@ def http_ttft_s(job: dict[str, Any], prompt: str) -> float:
     argv = [sys.executable, "-m", "edge_runtime.cli", "serve", "--model", job["artifact_path"],
             "--backend", job["backend"], "--ctx", str(settings.n_ctx), "--port", str(port), "--parallel", "1",
             "--no-prompt-cache", "--force"]  # like the in-process figure: what earlier runs saved must
-    # not help; --force: the bench's plan already decided this fits (its KV type may differ: the
-    # server plans its own with an explicit --ctx)
+    # not help; --force: the bench's plan already decided this fits
+    if job["backend"] == "llama.cpp":  # the bench plan's KV type: an explicit --ctx alone plans its own
+        argv += ["--kv-cache-type", settings.type_k]
     if settings.n_threads:
         argv += ["--threads", str(settings.n_threads)]
     if settings.rpc_servers:

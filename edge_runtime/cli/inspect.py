@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from edge_runtime.cli.options import CTX, MODEL, MODEL_HELP, THREADS, WORKERS
+from edge_runtime.cli.options import CTX, KV_CACHE_TYPE, MODEL, MODEL_HELP, THREADS, WORKERS
 from edge_runtime.cli.output import print_json
 
 MIB = 1 << 20
@@ -83,6 +83,7 @@ def profiles_match(as_json: bool) -> None:
 @click.option("--backend", default=None, help="Force a backend (llama.cpp, onnx, tflite).")
 @click.option("--ctx", type=CTX, default=None, help="Context size to plan for.")
 @click.option("--threads", type=THREADS, default=None, help="CPU threads, at most the logical CPUs.")
+@KV_CACHE_TYPE
 @WORKERS
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def plan(profile_id: str | None, as_json: bool, **opts: Any) -> None:

@@ -154,6 +154,13 @@ THREADS = ThreadCount()
 SEED = WholeNumber(0, MAX_SEED)
 MODEL = ModelName()
 CTX = WholeNumber(16)
+# llama.cpp's own names (llama-server's -ctk/-ctv), those backends.base.KV_CACHE_TYPES maps (not
+# imported here: the backends are too heavy for `--help`); the planner picks one when memory is tight.
+KV_CACHE_TYPE_NAMES = ("f16", "bf16", "f32", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+KV_CACHE_TYPE = click.option(
+    "--kv-cache-type", type=click.Choice(KV_CACHE_TYPE_NAMES), default=None,
+    help="llama.cpp's KV cache type (default: the plan's: f16, or q8_0/q4_0 when the profile's context "
+         "does not fit otherwise); a quantized cache runs with flash attention.")
 WORKERS = click.option(
     "--workers", type=WorkerAddresses(), default=(), show_default=False,
     help="Split the model across these llama.cpp RPC workers (`edgert worker` on each): the layers their memory "
@@ -180,6 +187,7 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-tokens", type=WholeNumber(1), default=512, show_default=True,
                      help="Most tokens per answer."),
         click.option("--stats", is_flag=True, help="After each answer, a key=value line on stderr."),
+        KV_CACHE_TYPE,
         WORKERS,
     ]
     for option in reversed(options):
@@ -191,9 +199,16 @@ def plan_from_options(opts: dict[str, Any], profile_id: str | None = None, *, pa
                       force: bool = False) -> Any:
     """The plan for the model and overrides the options name (``edge_runtime.plan``)."""
     from edge_runtime import plan
+    from edge_runtime.errors import InvalidConfigError
 
-    return plan(opts["model"], backend=opts.get("backend"), ctx=opts.get("ctx"), threads=opts.get("threads"),
-                parallel=parallel, profile=profile_id, force=force, workers=opts.get("workers") or ())
+    kv = opts.get("kv_cache_type")
+    chosen = plan(opts["model"], backend=opts.get("backend"), ctx=opts.get("ctx"), threads=opts.get("threads"),
+                  parallel=parallel, kv_cache_type=kv, profile=profile_id, force=force,
+                  workers=opts.get("workers") or ())
+    if kv is not None and chosen.backend != "llama.cpp":
+        raise InvalidConfigError(f"--kv-cache-type {kv}: {chosen.backend} keeps its own KV cache "
+                                 "(only llama.cpp has a choice of types)", "leave --kv-cache-type out")
+    return chosen
 
 
 def load_planned(opts: dict[str, Any]) -> tuple[Any, Any]:

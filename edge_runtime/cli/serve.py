@@ -9,6 +9,7 @@ import click
 
 from edge_runtime.cli.options import (
     CTX,
+    KV_CACHE_TYPE,
     MODEL,
     MODEL_HELP,
     RESPONSE_CACHE,
@@ -42,6 +43,7 @@ def read_api_key(api_key: str | None, api_key_file: str | None) -> str | None:
 @click.option("--backend", default=None, help="Force a backend (llama.cpp, onnx, tflite).")
 @click.option("--ctx", type=CTX, default=None, help="Context of each conversation (slot).")
 @click.option("--threads", type=THREADS, default=None, help="CPU threads, at most the logical CPUs.")
+@KV_CACHE_TYPE
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", type=WholeNumber(0, 65535), default=8080, show_default=True)
 @click.option("--api-key", default=None, help="Require Authorization: Bearer KEY.")
