@@ -114,3 +114,38 @@ def test_llama_cpp_plain_greedy_takes_the_chains_token_without_it(smollm2):
         smollm2.reset()
         answers.append([e.token for e in smollm2.generate(prompt, params) if e.token is not None])
     assert len(answers[0]) > 8 and answers[0] == answers[1]
+
+
+class RowContext:
+    """The one thing plain greedy reads from a llama.cpp context: a logits row."""
+
+    def __init__(self, row: list[float]) -> None:
+        self.row = np.array(row, dtype=np.float32)
+
+    def logits_row(self, index: int, n_vocab: int) -> np.ndarray:
+        return self.row
+
+
+def test_plain_greedy_resolves_nan_as_llama_cpps_strict_comparison():
+    from edge_runtime.backends.llamacpp.sampler import Sampler as ChainSampler
+
+    greedy = ChainSampler(SamplingParams(temperature=0), 4, 64)
+    nan = float("nan")
+    assert greedy.sample(RowContext([0.0, 2.0, 2.0, 1.0]), 0) == 1  # ties: the first
+    assert greedy.sample(RowContext([0.0, nan, 2.0, 1.0]), 0) == 2  # a NaN never wins over a number
+    assert greedy.sample(RowContext([nan, 5.0, 2.0, 1.0]), 0) == 0  # nothing beats a NaN at index 0
+    assert greedy.sample(RowContext([nan, nan, nan, nan]), 0) == 0
+
+
+def test_token_bytes_fall_back_when_llguidance_cannot_read_the_tokenizer():
+    from edge_runtime.backends.constraints import GrammarCompiler
+
+    built = []
+
+    def unreadable():
+        built.append(1)
+        raise ValueError("an unknown pre-tokenizer")
+
+    compiler = GrammarCompiler(unreadable, 8)
+    assert compiler.token_bytes(3) is None and compiler.token_bytes(4) is None
+    assert built == [1]  # tried once, not once per token

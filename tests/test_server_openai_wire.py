@@ -119,6 +119,17 @@ def test_logprob_bytes_join_back_to_characters_split_over_tokens(client):
     assert [t.bytes for t in streamed] == [t.bytes for t in content]
 
 
+def test_completion_offsets_count_characters_of_the_joined_bytes():
+    from edge_runtime.server.openai_responses import TextLogprobs
+    from edge_runtime.server.requests import TokenLogprob
+
+    pieces = [b" \xe6", b"\x97", b"\xa5", b"\xe6\x9c\xac", b" ok"]  # " 日本 ok", 日 split over three tokens
+    items = [TokenLogprob(p.decode("utf-8", errors="replace"), -0.5, p) for p in pieces]
+    logprobs = TextLogprobs("abc")
+    first, rest = logprobs.render(items[:2]), logprobs.render(items[2:])  # offsets run on across chunks
+    assert first["text_offset"] + rest["text_offset"] == [3, 4, 4, 5, 6]
+
+
 def test_completion_logprobs_count_offsets_from_the_prompt(server):
     prompt = "1, 2, 3,"
     choice = post(server, "completions", {"prompt": prompt, "max_tokens": 5, "temperature": 0,

@@ -94,6 +94,7 @@ class GrammarCompiler:
         self._make_tokenizer = make_tokenizer
         self.n_vocab = n_vocab
         self._tokenizer: Any = None
+        self._unreadable: str | None = None  # why the tokenizer could not be built, once it failed
         self._templates: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
         self._closed = False
@@ -135,25 +136,32 @@ class GrammarCompiler:
                 self._templates.popitem(last=False)
             return template
 
-    def token_bytes(self, token: int) -> bytes:
-        """The bytes of one token as the tokenizer holds them (a piece of a UTF-8 character stays
-        that piece, a control token is its text; empty outside the vocabulary), for logprobs:
-        a library that reads every tokenizer.json kind rather than a byte map of our own."""
-        with self._lock:
-            if self._closed:
-                raise GenerationError("the model is closed")
-            tokenizer = self._tokenizer_locked()
-            if not 0 <= token < tokenizer.vocab_size:
-                return b""
-            return bytes(tokenizer.decode_bytes([token]))
+    def token_bytes(self, token: int) -> bytes | None:
+        """The bytes of one token in the tokenizer (a piece of a UTF-8 character stays that piece,
+        a control token is its text), for logprobs: a library that reads every tokenizer.json
+        kind rather than a byte map of our own. None when llguidance cannot read this tokenizer
+        (the caller falls back to the token's text). Only the first call waits for the build:
+        the rest never take the lock a long grammar compile holds."""
+        tokenizer = self._tokenizer
+        if tokenizer is None:
+            with self._lock:
+                if self._closed:
+                    raise GenerationError("the model is closed")
+                try:
+                    tokenizer = self._tokenizer_locked()
+                except UnsupportedModelError:
+                    return None
+        return bytes(tokenizer.decode_bytes([token]))
 
     def _tokenizer_locked(self) -> Any:
         if self._tokenizer is None:
+            if self._unreadable is not None:  # tried once: a second build would fail the same way
+                raise UnsupportedModelError(self._unreadable)
             try:
                 self._tokenizer = self._make_tokenizer()
             except (ValueError, RuntimeError, OSError) as exc:
-                raise UnsupportedModelError(f"constrained decoding cannot read this model's tokenizer: "
-                                            f"{_first_line(exc)}") from None
+                self._unreadable = f"constrained decoding cannot read this model's tokenizer: {_first_line(exc)}"
+                raise UnsupportedModelError(self._unreadable) from None
         return self._tokenizer
 
     def close(self) -> None:

@@ -50,16 +50,21 @@ def _chat_logprobs(items: list[TokenLogprob] | tuple[TokenLogprob, ...], asked: 
 
 
 class TextLogprobs:
-    """Completions' logprobs, with the character offsets running on from chunk to chunk."""
+    """Completions' logprobs, with the character offsets running on from chunk to chunk.
+
+    A token's offset is where its text starts in prompt + answer, counted in characters of the
+    answer's bytes so far: the tokens of one character split over several start where it does.
+    """
 
     def __init__(self, prompt: str) -> None:
-        self.offset = len(prompt)
+        self.prompt_chars = len(prompt)
+        self.answer = bytearray()
 
     def render(self, items: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> dict[str, Any]:
         offsets = []
         for t in items:
-            offsets.append(self.offset)
-            self.offset += len(t.token)
+            offsets.append(self.prompt_chars + len(self.answer.decode("utf-8", errors="ignore")))
+            self.answer += t.raw
         return {"tokens": [t.token for t in items], "token_logprobs": [t.logprob for t in items],
                 "top_logprobs": [{**{a.token: a.logprob for a in t.top}, t.token: t.logprob} for t in items],
                 "text_offset": offsets}

@@ -3,14 +3,15 @@
 A model holds N sequences (slots) in one llama.cpp context. One scheduler thread owns the context:
 each step it puts every decoding slot's next token and the next chunk of the oldest prompt still
 being prefilled into a single ``llama_decode`` batch, then samples each slot's token with
-llama.cpp's sampler chain. New requests join between steps. Consumers read their slot's events from a queue, so the
-chat loop, the server and the bench all see the same ``Iterator[TokenEvent]``.
+llama.cpp's sampler chain (plain greedy: the argmax of the logits row, in place). New requests
+join between steps. Consumers read their slot's events from a queue, so the chat loop, the server
+and the bench all see the same ``Iterator[TokenEvent]``.
 
 Under a grammar, the masks of every constrained slot are computed on this thread right after the
 decode, in one llguidance call, and the chain's first link applies them; the answer ends with
 ``stop`` on an end-of-generation token or as soon as the grammar is complete, and with
 ``length`` (the text so far) at ``max_tokens`` or the context's end. Unconstrained requests get
-no mask, no matcher and no logits read (unless they ask for logprobs).
+no mask, no matcher and no logits copied (unless they ask for logprobs).
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class LlamaCppSlot:
             raise GenerationError("the model is closed")
         request = _Request(self.seq, tokens, params, cancel or CancelToken(), template=template)
         disk = self._model.disk
-        if disk is not None:  # read and checked here, on the caller's thread: the scheduler never waits for a disk
+        if disk is not None:  # read and checked here, on the caller's thread, not the scheduler's
             # Only a state longer than any slot holds: a prefix in memory is copied for free.
             held = max(common_length(list(slot.seq.prefix.tokens), tokens) for slot in self._model.slots)
             request.restore = disk.lookup(tokens, held)
@@ -255,7 +256,7 @@ class BatchScheduler:
             request.prefill_end = time.perf_counter()
         token = request.sampler.sample(self._ctx, request.out_index)
         logprob, top = None, ()
-        if request.params.logprobs is not None:  # the only case that reads logits into Python
+        if request.params.logprobs is not None:  # the only case that copies logits into Python
             row = self._ctx.logits_row(request.out_index, self._model.info.n_vocab)
             logprob, top = token_logprobs(row, token, request.params.logprobs)
         request.out_index = -1

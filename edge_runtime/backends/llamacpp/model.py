@@ -1,7 +1,8 @@
 """A GGUF model loaded in llama.cpp through llama-cpp-python's low-level API.
 
 The decode loop is ours (``batch``): one ``llama_decode`` per step for every active
-sequence, llama.cpp's sampler chain picks the tokens, so no logits array is copied into Python.
+sequence, llama.cpp's sampler chain picks the tokens (plain greedy: an argmax of the logits row
+in place), so no logits array is copied into Python.
 Each sequence remembers the tokens in its KV cache and the next call evaluates only what
 differs (prefix reuse). Quality scoring (``logit_rows``) runs in a second context, made on first
 use, that returns every position's logits.

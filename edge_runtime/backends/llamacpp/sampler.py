@@ -81,7 +81,7 @@ class Sampler:
     Plain greedy decoding (no grammar, bias or penalty) skips the chain: llama.cpp's would copy
     the whole vocabulary into a candidate array each token only to take its maximum, which costs
     several times an argmax over the logits row in place (the same token: both take the first
-    maximum).
+    maximum, and NaN rows are resolved as llama.cpp's strict comparison resolves them).
     """
 
     def __init__(self, params: SamplingParams, n_vocab: int, n_ctx: int, grammar: GrammarState | None = None) -> None:
@@ -128,7 +128,11 @@ class Sampler:
     def sample(self, ctx: NativeContext, index: int) -> int:
         """The token for batch row ``index`` of the last decode (the chain records it)."""
         if self.argmax_only:
-            return int(ctx.logits_row(index, self.n_vocab).argmax())
+            row = ctx.logits_row(index, self.n_vocab)
+            token = int(row.argmax())
+            if row[token] != row[token]:  # NaN: llama.cpp's greedy keeps index 0 unless a number beats it
+                token = 0 if row[0] != row[0] else int(np.nanargmax(row))
+            return token
         return int(_c.llama_sampler_sample(self.ptr, ctx.ptr, index))
 
     def close(self) -> None:

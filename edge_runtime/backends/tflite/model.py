@@ -139,7 +139,10 @@ class TfliteModel:
         return self.tokenizer.decode(tokens)
 
     def token_bytes(self, token: int) -> bytes:
-        return self.grammars.token_bytes(token)
+        if not 0 <= token < self.tokenizer.n_vocab:  # a padded head's extra rows have no token
+            return b""
+        raw = self.grammars.token_bytes(token)
+        return raw if raw is not None else self.tokenizer.decode([token]).encode("utf-8")
 
     # -- generation ------------------------------------------------------------------------
 
