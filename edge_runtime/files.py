@@ -151,8 +151,12 @@ def evict_least_recent(files: Iterable[Path], max_bytes: int) -> int:
     for _, size, path in sorted(entries, key=lambda e: e[0]):
         if total - freed <= max_bytes:
             break
-        with contextlib.suppress(OSError):
+        try:
             path.unlink()
+        except FileNotFoundError:
+            pass  # removed meanwhile: its bytes are gone all the same
+        except OSError:
+            continue  # still there (a read-only folder): not freed
         freed += size
     return freed
 

@@ -63,7 +63,8 @@ def prefix_hash(key: str, tokens: Sequence[int]) -> str:
 @dataclass(frozen=True)
 class CachedPrefix:
     """A checked entry: the tokens its state covers, how many the prompt shares, the state (a
-    read-only view of the mapped file, unmapped when the last reference goes)."""
+    read-only view of the mapped file, unmapped when the last reference goes; its pages are read
+    again from the page cache, or the disk if memory is short, when llama.cpp copies them)."""
 
     path: Path
     tokens: tuple[int, ...]
@@ -197,9 +198,7 @@ class PromptCacheStore:
                     raise ValueError("sizes do not add up")
                 if struct.unpack(f"<{n_tokens}i", fh.read(4 * n_tokens)) != tuple(tokens):
                     raise ValueError("other tokens")
-                # Entries are replaced by rename and removed by unlink, never rewritten in place:
-                # the mapping keeps the file it opened, whatever happens to the name.
-                state = memoryview(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))[size - n_state:]
+                state = _state_view(fh, size, n_state)
                 if zlib.crc32(state) != crc:
                     raise ValueError("state checksum")
         except FileNotFoundError:
@@ -290,6 +289,21 @@ class PromptCacheStore:
                 with contextlib.suppress(OSError):
                     if now - file.stat().st_mtime >= older_than_s:
                         file.unlink()
+
+
+def _state_view(fh: Any, size: int, n_state: int) -> memoryview:
+    """The last ``n_state`` bytes of the open entry: mapped (no copy), or read where the file
+    cannot be mapped (a file system without mmap, no address space left), never a reason to
+    drop a sound entry. Entries are replaced by rename and removed by unlink, never rewritten in
+    place: the mapping keeps the file it opened, whatever happens to its name."""
+    try:
+        return memoryview(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))[size - n_state:]
+    except (OSError, ValueError, MemoryError):
+        state = bytearray(n_state)
+        fh.seek(size - n_state)
+        if fh.readinto(state) != n_state:
+            raise ValueError("state shorter than its header says") from None
+        return memoryview(state)
 
 
 def common_length(a: Sequence[int], b: Sequence[int]) -> int:

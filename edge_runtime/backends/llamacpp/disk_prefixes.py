@@ -1,8 +1,9 @@
 """The llama.cpp side of the prompt cache on disk: what a sequence saves and how it is restored.
 
 The store (``models.prompt_cache``) keeps the files; this part knows the model's key, reads an
-entry on the requesting thread (so the scheduler thread never waits for a disk), restores it into
-a sequence on the scheduler thread (``llama_state_seq_set_data``), and after an answer copies the
+entry on the requesting thread (so the scheduler thread does not wait for the disk; only pages of
+the mapped state that memory pressure evicted meanwhile are read again), restores it into a
+sequence on the scheduler thread (``llama_state_seq_set_data``), and after an answer copies the
 sequence's state out (``llama_state_seq_get_data``, milliseconds per MiB) and hands it to a writer
 thread, so the disk write delays no other request.
 """
