@@ -92,7 +92,10 @@ def main() -> int:
 
     model = str(resolve_model(args.model))
     binary = find_llama_tool("llama-bench", args.llama_bench)
-    shared = find_llama_tool("llama-bench-shared") if binary and not args.llama_bench else None
+    # The shared twin only beside the static tool it was built with (./bin), never with another llama-bench.
+    shared = find_llama_tool("llama-bench-shared") if binary else None
+    if shared and Path(shared).resolve().parent != Path(binary).resolve().parent:
+        shared = None
     tools = {name: path for name, path in (("llama-bench", binary), ("llama-bench-shared", shared)) if path}
     load_before = os.getloadavg()[0]
     native: dict[str, dict[str, list[float]]] = {name: {"pp": [], "tg": []} for name in tools}

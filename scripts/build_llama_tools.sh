@@ -58,9 +58,12 @@ stamp_text="llama-cpp-python==$version"
 bin_dir="$repo_root/bin"
 todo=()
 [[ $sources_only -eq 0 ]] || tools=()
+current() {  # whether bin/$1 exists and its stamp names the installed version
+    [[ -x "$bin_dir/$1" && -f "$bin_dir/$1.version" && "$(cat "$bin_dir/$1.version")" == "$stamp_text" ]]
+}
 for tool in "${tools[@]}"; do
-    if [[ $force -eq 0 && -x "$bin_dir/$tool" && -f "$bin_dir/$tool.version" \
-          && "$(cat "$bin_dir/$tool.version")" == "$stamp_text" ]]; then
+    # llama-bench comes with llama-bench-shared (linked at the end): either one stale rebuilds both.
+    if [[ $force -eq 0 ]] && current "$tool" && { [[ $tool != llama-bench ]] || current llama-bench-shared; }; then
         log "bin/$tool is already built for $stamp_text; nothing to do (--force rebuilds)"
     else
         todo+=("$tool")
@@ -145,12 +148,14 @@ done
 # benchmark then tells the cost of that build apart from edgert's own per-token cost. Optional:
 # a link that fails costs this binary only.
 if [[ " ${todo[*]} " == *" llama-bench "* ]]; then
-    libs="$("$PYTHON" -c 'import llama_cpp, os; print(os.path.join(os.path.dirname(llama_cpp.__file__), "lib"))')"
+    rm -f "$bin_dir/llama-bench-shared" "$bin_dir/llama-bench-shared.version"  # never one for other libraries
+    libs="$("$PYTHON" -c 'import llama_cpp, os; print(os.path.join(os.path.dirname(llama_cpp.__file__), "lib"))')" \
+        || libs=""
     objects=("$build/tools/llama-bench/CMakeFiles/llama-bench.dir/main.cpp.o" "$build/tools/llama-bench/libllama-bench-impl.a"
              "$build/common/libllama-common.a" "$build/common/libllama-common-base.a"
              "$build/vendor/cpp-httplib/libcpp-httplib.a")
     linker="$(command -v c++ || command -v g++ || command -v clang++)"
-    if "$linker" -o "$bin_dir/llama-bench-shared.tmp.$$" "${objects[@]}" -L"$libs" -lllama -lggml -lggml-base \
+    if [[ -n "$libs" ]] && "$linker" -o "$bin_dir/llama-bench-shared.tmp.$$" "${objects[@]}" -L"$libs" -lllama -lggml -lggml-base \
             -lggml-cpu -fopenmp -lpthread -Wl,-rpath,"$libs" >"$work/link-shared.log" 2>&1 \
             && "$bin_dir/llama-bench-shared.tmp.$$" --help >/dev/null 2>&1; then
         printf '%s\n' "$stamp_text" >"$bin_dir/llama-bench-shared.version"
