@@ -5,12 +5,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import struct
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from guards import bounded
 
 from edge_runtime.errors import InvalidModelFileError, ModelNotFoundError
 from edge_runtime.formats.gguf import describe_gguf, read_gguf_header
@@ -37,21 +37,7 @@ def gemma3_path() -> Path:
 
 def parse_guarded(path: Path | str, **kwargs: Any) -> GGUFHeader:
     """Parse in a thread so that a hang fails the test instead of blocking the run."""
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["header"] = read_gguf_header(path, **kwargs)
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    worker = threading.Thread(target=target, daemon=True)
-    worker.start()
-    worker.join(10.0)  # a hang guard, not a timing assertion
-    assert not worker.is_alive(), f"read_gguf_header({path}) did not return within 10 s"
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["header"]
+    return bounded(lambda: read_gguf_header(path, **kwargs), 10.0, f"read_gguf_header({path})")
 
 
 def rejects(path: Path, *fragments: str) -> str:

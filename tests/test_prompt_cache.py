@@ -10,11 +10,11 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from guards import bounded
 
 from edge_runtime.backends.base import SamplingParams, Settings
 from edge_runtime.backends.llamacpp.model import LlamaCppModel
@@ -23,6 +23,7 @@ from edge_runtime.models.response_cache import ResponseCache
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
 SETTINGS = Settings(n_ctx=1024, n_threads=2)
+STUCK_S = 180.0  # a wait that takes longer is a hang (guards.bounded), never a timing
 
 
 def prompt_of(model: LlamaCppModel, prose: str, n: int, start: int = 0) -> list[int]:
@@ -308,27 +309,6 @@ class CopyFails(PromptCacheStore):
         raise MemoryError("no room for the state")
 
 
-def bounded(call, within_s: float = 180.0):
-    """``call()``'s result, or a failed test rather than a hung run when it never returns (a stuck
-    slot, a writer nobody stops): a guard against a hang, not a timing."""
-    outcome: list = []
-
-    def target() -> None:
-        try:
-            outcome.append((True, call()))
-        except BaseException as exc:  # handed to the test's thread
-            outcome.append((False, exc))
-
-    worker = threading.Thread(target=target, daemon=True)
-    worker.start()
-    worker.join(within_s)
-    assert outcome, f"{getattr(call, '__name__', call)} did not return within {within_s:.0f} s"
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    return value
-
-
 @pytest.mark.parametrize("broken", ["copy raises", "folder unwritable"])
 def test_a_failing_save_costs_the_entry_not_the_slot(smollm2_path, tmp_path, prose, broken):
     if broken == "copy raises":
@@ -336,26 +316,32 @@ def test_a_failing_save_costs_the_entry_not_the_slot(smollm2_path, tmp_path, pro
     else:
         (tmp_path / "pc").write_text("a file where the folder should be")
         store = PromptCacheStore(tmp_path / "pc")
-    with restarted(smollm2_path, store) as model:
+    model = restarted(smollm2_path, store)
+    try:  # every wait bounded, the close too: a stuck slot or writer fails the test, never hangs the run
         first = prompt_of(model, prose, 80)
         answer, _ = run(model, first)
-        bounded(model.disk.flush)
-        again, stats = bounded(lambda: run(model, first + answer))  # the same slot: it was released
+        bounded(model.disk.flush, STUCK_S)
+        again, stats = bounded(lambda: run(model, first + answer), STUCK_S)  # the same slot: it was released
+    finally:
+        bounded(model.close, STUCK_S)
     assert again and stats.cached_tokens > 0
 
 
 def test_the_cache_swapped_or_closed_mid_answer_fails_no_request(smollm2_path, tmp_path, prose):
-    with restarted(smollm2_path, PromptCacheStore(tmp_path / "a")) as model:
+    model = restarted(smollm2_path, PromptCacheStore(tmp_path / "a"))
+    try:
         first = prompt_of(model, prose, 80)
         old = model.disk
         events = model.generate(first, GREEDY)
         next(events)
         model.use_prompt_cache(PromptCacheStore(tmp_path / "b"))
         model.use_prompt_cache(None)
-        assert bounded(lambda: list(events))[-1].finish_reason is not None
+        assert bounded(lambda: list(events), STUCK_S)[-1].finish_reason is not None
         old.save_later(model.context, 0, list(model.slots._slots[0].prefix.tokens))  # closed: ignored
-        bounded(old.flush)  # returns: nothing was queued for the stopped writer
-        _, stats = bounded(lambda: run(model, first))
+        bounded(old.flush, STUCK_S)  # returns: nothing was queued for the stopped writer
+        _, stats = bounded(lambda: run(model, first), STUCK_S)
+    finally:
+        bounded(model.close, STUCK_S)
     assert stats.cached_tokens == len(first) - 1
 
 
