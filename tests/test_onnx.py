@@ -318,6 +318,9 @@ def test_cli_run_and_piped_chat_on_onnx(edgert_cmd, convert_output, fp32):
 def test_cli_run_on_a_bare_onnx_folder(edgert_cmd, fp32_dir):
     res = edgert(edgert_cmd, "run", PROMPT, "--model", str(fp32_dir), "--temp", "0", "--max-tokens", "4")
     assert res.returncode == 0, res.stderr
+    res = edgert(edgert_cmd, "plan", "--model", str(fp32_dir), "--kv-cache-type", "q8_0")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "--kv-cache-type q8_0: onnx keeps its own KV cache" in res.stderr
 
 
 def test_cli_damaged_onnx_folder_is_one_error_line(edgert_cmd, convert_output, tmp_path):
