@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from executables import find_edgert
 from rpc_split import PROMPT, decode, serving, workers
@@ -45,13 +46,24 @@ def sh(*argv: str) -> None:
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+def link_name(i: int) -> str:
+    """This side's end of the veth pair of namespace ``i``."""
+    return f"ebh{i}x{os.getpid() % 10000}"
+
+
+def link_bytes(indices: range) -> int:
+    """Bytes sent and received so far on this side of the links ``indices``."""
+    return sum(int(Path(f"/sys/class/net/{link_name(i)}/statistics/{kind}").read_text())
+               for i in indices for kind in ("rx_bytes", "tx_bytes"))
+
+
 @contextlib.contextmanager
 def namespaces(count: int, rate: str) -> Iterator[list[str]]:
     """``count`` network namespaces, each joined to this one by a veth pair shaped to ``rate``."""
     names = [f"edgert-bench-w{i}-{os.getpid()}" for i in range(count)]
     try:
         for i, ns in enumerate(names):
-            here, there = f"ebh{i}x{os.getpid() % 10000}", f"ebw{i}x{os.getpid() % 10000}"
+            here, there = link_name(i), f"ebw{i}x{os.getpid() % 10000}"
             sh("ip", "netns", "add", ns)
             sh("ip", "link", "add", here, "type", "veth", "peer", "name", there)
             sh("ip", "link", "set", there, "netns", ns)
@@ -182,9 +194,13 @@ def main() -> None:
         prompt = models["local"].tokenize(PROMPT, add_bos=models["local"].info.add_bos)
         figures: dict[str, list[float]] = {label: [] for label in models}
         tokens: dict[str, list[int]] = {}
+        shaped_bytes = 0
         for round_ in range(args.reps + 1):
             for label, model in models.items():
+                before = link_bytes(range(2)) if label == "shaped" else 0
                 tok_s, tokens[label] = decode(model, prompt, args.tokens)
+                if label == "shaped":
+                    shaped_bytes = link_bytes(range(2)) - before
                 if round_ > 0:  # round 0 warms every one up
                     figures[label].append(tok_s)
     medians = {label: statistics.median(values) for label, values in figures.items()}
@@ -196,7 +212,9 @@ def main() -> None:
         print(f"{titles[label]:34}{medians[label]:>13.1f}{step[label]:>10.1f}{step[label] - step['local']:>+10.1f}")
     added = step["shaped+delay"] - step["shaped"]
     print(f"the delay costs {added:+.1f} ms a token: {added / (2 * args.delay_ms):.1f} round trips of "
-          f"{2 * args.delay_ms:g} ms (the graph, the inputs and the logits to and from each worker)")
+          f"{2 * args.delay_ms:g} ms (the graph, the inputs and the results to and from each worker)")
+    print(f"on the shaped links: {shaped_bytes / 1024:,.0f} KiB for the prompt and {args.tokens} tokens, both "
+          "workers, both ways (most of it the graph ggml's RPC client sends each worker every step)")
     print(f"same greedy tokens: {'yes' if all(t == tokens['local'] for t in tokens.values()) else 'NO'}")
 
 
