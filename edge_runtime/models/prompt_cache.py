@@ -166,15 +166,8 @@ class PromptCacheStore:
             return known
         try:
             with path.open("rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                magic, version, stored_key, n_tokens, n_state, _ = _HEADER.unpack(fh.read(_HEADER.size))
-                if (magic, version, stored_key.decode("ascii", "replace")) != (MAGIC, VERSION, key):
-                    raise ValueError("another format or model")
-                # Sizes before the read: a damaged count must not make us read (or allocate) gigabytes.
-                if str(n_tokens) != path.name.split("-", 1)[0] or size != _HEADER.size + 4 * n_tokens + n_state:
-                    raise ValueError("sizes do not add up")
-                stored = struct.unpack(f"<{n_tokens}i", fh.read(4 * n_tokens))
-            if path.name != f"{n_tokens}-{prefix_hash(key, stored)}{SUFFIX}":
+                _, stored, _, _ = _read_header(fh, key)
+            if path.name != f"{len(stored)}-{prefix_hash(key, stored)}{SUFFIX}":
                 raise ValueError("tokens other than its name says")
         except FileNotFoundError:
             return None
@@ -190,13 +183,8 @@ class PromptCacheStore:
         """The entry at ``path`` if every check passes; otherwise it is removed and None returned."""
         try:
             with path.open("rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                magic, version, stored_key, n_tokens, n_state, crc = _HEADER.unpack(fh.read(_HEADER.size))
-                if (magic, version, stored_key.decode("ascii", "replace")) != (MAGIC, VERSION, key):
-                    raise ValueError("another format or model")
-                if n_tokens != len(tokens) or size != _HEADER.size + 4 * n_tokens + n_state:
-                    raise ValueError("sizes do not add up")
-                if struct.unpack(f"<{n_tokens}i", fh.read(4 * n_tokens)) != tuple(tokens):
+                size, stored, n_state, crc = _read_header(fh, key)
+                if stored != tuple(tokens):
                     raise ValueError("other tokens")
                 state = _state_view(fh, size, n_state)
                 if zlib.crc32(state) != crc:
@@ -289,6 +277,20 @@ class PromptCacheStore:
                 with contextlib.suppress(OSError):
                     if now - file.stat().st_mtime >= older_than_s:
                         file.unlink()
+
+
+def _read_header(fh: Any, key: str) -> tuple[int, tuple[int, ...], int, int]:
+    """(file size, token ids, state bytes, state CRC-32) of an entry open at its start; ValueError
+    when the header is another format's or model's or its sizes do not add up to the file's. The
+    sizes are checked before the token ids are read: a damaged count cannot make us read (or
+    allocate) more than the file holds."""
+    size = os.fstat(fh.fileno()).st_size
+    magic, version, stored_key, n_tokens, n_state, crc = _HEADER.unpack(fh.read(_HEADER.size))
+    if (magic, version, stored_key.decode("ascii", "replace")) != (MAGIC, VERSION, key):
+        raise ValueError("another format or model")
+    if size != _HEADER.size + 4 * n_tokens + n_state:
+        raise ValueError("sizes do not add up")
+    return size, struct.unpack(f"<{n_tokens}i", fh.read(4 * n_tokens)), n_state, crc
 
 
 def _state_view(fh: Any, size: int, n_state: int) -> memoryview:
