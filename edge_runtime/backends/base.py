@@ -347,12 +347,17 @@ def check_prompt(tokens: Sequence[int], info: ModelInfo, hint: str | None = None
     return tokens
 
 
-def first_token_s(model: Model, tokens: list[int], *, reset: bool = True) -> float:
-    """The time to the first token of a one-token greedy generation of ``tokens`` (from an empty
-    cache with ``reset``), as the generation's own statistics count it."""
+def greedy_stats(model: Model, tokens: list[int], max_tokens: int = 1, *, reset: bool = True) -> GenerationStats:
+    """The statistics of a greedy generation of ``max_tokens`` continuing ``tokens`` (from an
+    empty cache with ``reset``), as the generation itself counts them."""
     if reset:
         model.reset()
-    for event in model.generate(tokens, SamplingParams(max_tokens=1, temperature=0.0)):
+    for event in model.generate(tokens, SamplingParams(max_tokens=max_tokens, temperature=0.0)):
         if event.stats is not None:
-            return event.stats.ttft_s
+            return event.stats
     raise GenerationError("the generation ended without its statistics")
+
+
+def first_token_s(model: Model, tokens: list[int], *, reset: bool = True) -> float:
+    """The time to the first token of a one-token greedy generation of ``tokens`` (``greedy_stats``)."""
+    return greedy_stats(model, tokens, reset=reset).ttft_s

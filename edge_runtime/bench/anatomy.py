@@ -31,7 +31,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.backends.base import Model, SamplingParams, Settings, first_token_s
+from edge_runtime.backends.base import Model, Settings, first_token_s, greedy_stats
 from edge_runtime.errors import GenerationError
 
 CHAT_TURNS = 4
@@ -56,17 +56,7 @@ def drop_from_page_cache(path: str | Path) -> bool:
 
 def _speeds(model: Model, prompt: list[int], decode_prompt: list[int], gen_tokens: int) -> tuple[float, float]:
     """(prefill tok/s, decode tok/s) from one run each, from an empty cache."""
-    model.reset()
-    prefill = 0.0
-    for event in model.generate(prompt, SamplingParams(max_tokens=1, temperature=0.0)):
-        if event.stats is not None:
-            prefill = event.stats.prefill_tok_s
-    model.reset()
-    decode = 0.0
-    for event in model.generate(decode_prompt, SamplingParams(max_tokens=gen_tokens, temperature=0.0)):
-        if event.stats is not None:
-            decode = event.stats.decode_tok_s
-    return prefill, decode
+    return greedy_stats(model, prompt).prefill_tok_s, greedy_stats(model, decode_prompt, gen_tokens).decode_tok_s
 
 
 def _storage(backend: Any, path: str, settings: Settings, tokens: list[int]) -> dict[str, Any]:
