@@ -76,6 +76,12 @@ class CachedResponses:
             return None
         return response_key(self.artifact_sha256, self.settings, tokens, sampling_fields(params))
 
+    def find(self, tokens: Sequence[int], params: SamplingParams) -> tuple[str | None, StoredAnswer | None]:
+        """(the request's key, its stored answer): (None, None) when the request is not cacheable,
+        (key, None) on a miss."""
+        key = self.key(tokens, params)
+        return key, self.lookup(key) if key is not None else None
+
     def lookup(self, key: str) -> StoredAnswer | None:
         """The stored answer of ``key``, or None; one that does not read back whole is removed."""
         entry = self.store.get(key)
@@ -103,8 +109,12 @@ class CachedResponses:
                 closing = _last(token, text, answer.finish_reason, prompt_tokens, answer.gen_tokens, started, first_at)
                 yield TokenEvent(token, text, answer.finish_reason, closing.stats, logprob, top)
 
-    def recording(self, key: str, stream: Iterator[TokenEvent]) -> Iterator[TokenEvent]:
-        """``stream`` as it comes; once it ends by itself, its events are stored under ``key``."""
+    def recording(self, key: str | None, stream: Iterator[TokenEvent]) -> Iterator[TokenEvent]:
+        """``stream`` as it comes; once it ends by itself, its events are stored under ``key`` (None:
+        not cacheable, ``stream`` itself)."""
+        return stream if key is None else self._recorded(key, stream)
+
+    def _recorded(self, key: str, stream: Iterator[TokenEvent]) -> Iterator[TokenEvent]:
         events: list[dict[str, Any]] = []
         for event in stream:
             events.append({"token": event.token, "text": event.text, "logprob": event.logprob,
@@ -179,11 +189,9 @@ class ResponseCachedModel:
     def generate(self, tokens: Sequence[int], params: SamplingParams, *,
                  cancel: CancelToken | None = None) -> Iterator[TokenEvent]:
         """The stored answer, or the model's, stored once it ends."""
-        key = self._cached.key(tokens, params)
-        entry = self._cached.lookup(key) if key is not None else None
+        key, entry = self._cached.find(tokens, params)
         self.last_hit = None if key is None else entry is not None
         if entry is not None:
             return self._cached.replay(entry, len(tokens), cancel)
-        stream = self._model.generate(tokens, params, cancel=cancel)
-        return stream if key is None else self._cached.recording(key, stream)
+        return self._cached.recording(key, self._model.generate(tokens, params, cancel=cancel))
 

@@ -285,18 +285,17 @@ def _generate_in_thread(state: ServerState, model: Model, tokens: list[int], par
         running = False
         cached = state.config.response_cache
         try:
-            key = cached.key(tokens, params) if cached is not None else None  # None: not deterministic
-            if cached is not None and key is not None:
-                entry = cached.lookup(key)
+            key, entry = cached.find(tokens, params) if cached is not None else (None, None)  # None: not cacheable
+            if key is not None:
                 (state.metrics.response_cache_hits if entry else state.metrics.response_cache_misses).inc()
-                if entry is not None:  # a replay needs no slot and computes nothing
-                    deliver(cached.replay(entry, len(tokens), cancel), observe=False)
-                    return
+            if entry is not None:  # a replay needs no slot and computes nothing
+                deliver(cached.replay(entry, len(tokens), cancel), observe=False)
+                return
             with model.acquire_slot(tokens, timeout=state.config.queue_timeout_s) as slot:
                 running = True
                 state.started()
                 events = slot.generate(tokens, params, cancel=cancel)
-                deliver(cached.recording(key, events) if cached is not None and key is not None else events, True)
+                deliver(cached.recording(key, events) if cached is not None else events, True)
         except BaseException as exc:  # delivered to the handler, which answers with it
             put(exc)
         finally:
