@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import llama_cpp as _c
 import numpy as np
 
 from edge_runtime.backends.base import Embeddings, ModelInfo, Settings, default_threads
 from edge_runtime.backends.llamacpp import native
+from edge_runtime.backends.llamacpp.model import describe
 from edge_runtime.errors import ContextLengthExceededError, GenerationError, InvalidRequestError, UnsupportedModelError
 
 SEQUENCES_PER_DECODE = 32
@@ -64,7 +64,7 @@ class LlamaCppEmbedder:
             self.n_ctx = min(settings.n_ctx, n_ctx_train) if settings.n_ctx > 0 else n_ctx_train
             self.n_embd = int(_c.llama_model_n_embd_out(self.native_model.ptr))
             self.n_vocab = native.vocab_size(self.native_model.vocab)
-            self.info = self._info(n_ctx_train)
+            self.info = self._info()
             threads = settings.n_threads or default_threads()
             if shared is not None:  # the chat scheduler decodes on the same cores meanwhile
                 threads = max(1, threads // 2)
@@ -76,19 +76,11 @@ class LlamaCppEmbedder:
             raise
         self._lock = threading.Lock()  # one context: one decode at a time
 
-    def _info(self, n_ctx_train: int) -> ModelInfo:
+    def _info(self) -> ModelInfo:
         """What the model says about itself, as a chat model's ``info`` (Ollama's /api/tags and /api/show)."""
         from edge_runtime.formats.gguf import read_gguf_header
 
-        header = read_gguf_header(self.path)
-        vocab = self.native_model.vocab
-        bos, eos = native.special_tokens(vocab)
-        return ModelInfo(name=header.get("general.name") or Path(self.path).stem, arch=header.architecture,
-                         quant=header.file_type_name, n_ctx_train=n_ctx_train, n_ctx=self.n_ctx,
-                         n_vocab=self.n_vocab, n_params=native.model_counts(self.native_model)[1],
-                         size_bytes=Path(self.path).stat().st_size, chat_template=None,
-                         bos_token=native.token_text(vocab, bos), eos_token=native.token_text(vocab, eos),
-                         add_bos=native.vocab_add_bos(vocab))
+        return describe(self.native_model, read_gguf_header(self.path), self.path, self.n_ctx, chat_template=None)
 
     @property
     def pooling_name(self) -> str:

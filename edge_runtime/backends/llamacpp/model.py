@@ -38,7 +38,31 @@ from edge_runtime.errors import GenerationError
 if TYPE_CHECKING:
     import numpy as np
 
+    from edge_runtime.formats.gguf_header import GGUFHeader
     from edge_runtime.models.prompt_cache import PromptCacheStore
+
+
+def describe(native_model: native.NativeModel, header: GGUFHeader, path: str | Path, n_ctx: int, *,
+             chat_template: str | None) -> ModelInfo:
+    """The ``ModelInfo`` of a loaded GGUF (its header read by us, the rest as llama.cpp reports it),
+    for the chat model and the embedding engine alike."""
+    vocab = native_model.vocab
+    bos, eos = native.special_tokens(vocab)
+    n_ctx_train, n_params, _ = native.model_counts(native_model)
+    return ModelInfo(
+        name=header.get("general.name") or Path(path).stem,
+        arch=header.architecture,
+        quant=header.file_type_name,
+        n_ctx_train=n_ctx_train,
+        n_ctx=n_ctx,
+        n_vocab=native.vocab_size(vocab),
+        n_params=n_params,
+        size_bytes=Path(path).stat().st_size,
+        chat_template=chat_template,
+        bos_token=native.token_text(vocab, bos),
+        eos_token=native.token_text(vocab, eos),
+        add_bos=native.vocab_add_bos(vocab),
+    )
 
 
 class LlamaCppModel:
@@ -51,7 +75,7 @@ class LlamaCppModel:
         header = read_gguf_header(path)
         self.native_model = native.NativeModel(str(path), settings)
         try:
-            n_ctx_train, n_params, size = native.model_counts(self.native_model)
+            n_ctx_train = native.model_counts(self.native_model)[0]
             n_ctx = min(settings.n_ctx, n_ctx_train) if settings.n_ctx > 0 else n_ctx_train
             self.settings = Settings.from_dict({**settings.to_dict(), "n_ctx": n_ctx})
             self.n_threads = settings.n_threads or default_threads()
@@ -59,22 +83,7 @@ class LlamaCppModel:
         except BaseException:
             self.native_model.close()
             raise
-        vocab = self.native_model.vocab
-        bos, eos = native.special_tokens(vocab)
-        self.info = ModelInfo(
-            name=header.get("general.name") or Path(path).stem,
-            arch=header.architecture,
-            quant=header.file_type_name,
-            n_ctx_train=n_ctx_train,
-            n_ctx=n_ctx,
-            n_vocab=native.vocab_size(vocab),
-            n_params=n_params,
-            size_bytes=Path(path).stat().st_size,
-            chat_template=self.native_model.chat_template(),
-            bos_token=native.token_text(vocab, bos),
-            eos_token=native.token_text(vocab, eos),
-            add_bos=native.vocab_add_bos(vocab),
-        )
+        self.info = describe(self.native_model, header, path, n_ctx, chat_template=self.native_model.chat_template())
         self.path = str(path)
         self.n_swa = native.model_n_swa(self.native_model)
         self.recurrent = native.model_has_recurrent_state(self.native_model)
